@@ -1,0 +1,42 @@
+# `make demo` and `make test` install into .venv on first use; nothing needs installing by hand.
+VENV ?= .venv
+PYTHON ?= python3
+# The CPU build is enough everywhere here; set TORCH=torch for the registry's default (CUDA) build.
+TORCH ?= torch==2.13.0
+EXTRAS ?= dev
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(EXTRAS)
+
+.PHONY: help install demo test lint format bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv and install the suite (editable) with the $(EXTRAS) extras
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: install ## train Finetune and ER on Split-Digits and compare them
+	$(BIN)/lifelong demo
+
+test: install ## lint, then the whole test suite
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint: install ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install ## ruff format and autofix
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: install ## speed benchmarks (print a table, write JSON under benchmarks/out/)
+	$(BIN)/python benchmarks/overhead.py
+
+clean: ## remove runs and caches (keeps .venv)
+	rm -rf runs lightning_logs .pytest_cache .ruff_cache benchmarks/out

@@ -1,0 +1,15 @@
+"""`ContinualCallback`: a callback that also hears the task boundaries the task-switch callback announces."""
+
+from __future__ import annotations
+
+import lightning as L
+
+
+class ContinualCallback(L.Callback):
+    """Subclasses override `on_task_start` / `on_task_end`; `TaskSwitch` calls them after the module's hooks."""
+
+    def on_task_start(self, trainer: L.Trainer, pl_module: L.LightningModule, task_id: int) -> None:
+        """Task `task_id` has begun (the module's `on_task_start` has run, the data serves the new task)."""
+
+    def on_task_end(self, trainer: L.Trainer, pl_module: L.LightningModule, task_id: int) -> None:
+        """Task `task_id` has ended (the module's `on_task_end` has run)."""

@@ -1,0 +1,1 @@
+"""The `lifelong` command: a LightningCLI subclass plus extra subcommands (see `cli.main`)."""

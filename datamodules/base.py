@@ -1,0 +1,249 @@
+"""The task stream contract every datamodule keeps (`num_tasks`, `task_names`, `set_task`, a train
+loader for the current task, one evaluation loader per task) and the class-incremental split."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
+
+from cli.errors import ConfigError
+from cli.runtime import run_seed
+
+
+@dataclass(frozen=True)
+class TaskStream:
+    """What a model must know about the stream before it is built (the CLI links it from the data)."""
+
+    task_names: tuple[str, ...]
+    classes_per_task: tuple[int, ...] = ()
+    input_shape: tuple[int, ...] = ()
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
+
+
+class TensorDictDataset(Dataset):
+    """Rows of equally long tensors, returned as dicts (batches are dicts with named fields)."""
+
+    def __init__(self, **tensors: Tensor):
+        lengths = {len(t) for t in tensors.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"fields have different lengths: { {k: len(v) for k, v in tensors.items()} }")
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {k: v[i] for k, v in self.tensors.items()}
+
+
+class EpochShuffleSampler(DistributedSampler):
+    """Training sampler: a permutation drawn from (seed, epoch) alone, sharded over ranks.
+
+    Owning the shuffle (instead of the global RNG) makes a resumed run see the same batches as an
+    uninterrupted one. With `num_samples_per_epoch` set, an epoch is that many draws (permutations
+    are chained), which is how `steps_per_task` makes one epoch equal one task.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, total: int | None = None):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        n = len(dataset)  # type: ignore[arg-type]
+        self.total_size = math.ceil((total or n) / num_replicas) * num_replicas
+        self.num_samples = self.total_size // num_replicas
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        n = len(self.dataset)  # type: ignore[arg-type]
+        chunks = [torch.randperm(n, generator=g) for _ in range(math.ceil(self.total_size / n))]
+        indices = torch.cat(chunks)[: self.total_size]
+        return iter(indices[self.rank :: self.num_replicas].tolist())
+
+
+class UnpaddedShardSampler(DistributedSampler):
+    """Evaluation sampler: rank r takes items r, r+W, r+2W, ... in order; no item repeated, none missed,
+    so counts summed over ranks are exactly the counts of the whole set."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))  # type: ignore[arg-type]
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))  # type: ignore[arg-type]
+
+
+class ContinualDataModule(L.LightningDataModule):
+    """A stream of tasks. Subclasses provide `task_names`, `train_dataset(t)` and `eval_dataset(t)`.
+
+    The task-switch callback calls `set_task(t)` at each boundary; `train_dataloader()` then serves
+    task t (or tasks 0..t with `train_on: seen`, the cumulative joint upper bound), while
+    `eval_dataloaders()` always serves every task.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 32,
+        eval_batch_size: int = 256,
+        num_workers: int = 0,
+        train_on: Literal["current", "seen"] = "current",
+        seed: int | None = None,
+    ):
+        super().__init__()
+        if train_on not in ("current", "seen"):
+            raise ConfigError(f"data.train_on: {train_on!r} is not one of 'current', 'seen'")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.train_on = train_on
+        self.seed = seed
+        self.current_task = 0
+        # Set by the task-switch callback in `steps_per_task` mode: an epoch is exactly this many batches.
+        self.train_batches_per_epoch: int | None = None
+
+    # -- the stream ---------------------------------------------------------------------------
+    @property
+    def task_names(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
+
+    @property
+    def stream(self) -> TaskStream:
+        return TaskStream(task_names=tuple(self.task_names))
+
+    def train_dataset(self, task_id: int) -> Dataset:
+        raise NotImplementedError
+
+    def eval_dataset(self, task_id: int) -> Dataset:
+        raise NotImplementedError
+
+    def set_task(self, task_id: int) -> None:
+        if not 0 <= task_id < self.num_tasks:
+            raise ConfigError(f"task {task_id} does not exist: this stream has tasks 0..{self.num_tasks - 1}")
+        self.current_task = task_id
+
+    # -- loaders ------------------------------------------------------------------------------
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        t = self.current_task
+        tasks = range(t + 1) if self.train_on == "seen" else [t]
+        dataset = ConcatDataset([self.train_dataset(i) for i in tasks])
+        rank, world = self._world()
+        total = None
+        if self.train_batches_per_epoch is not None:
+            total = self.train_batches_per_epoch * self.batch_size * world
+        sampler = EpochShuffleSampler(
+            dataset, world, rank, seed=run_seed() if self.seed is None else self.seed, total=total
+        )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+        )
+
+    def eval_dataloaders(self) -> list[DataLoader]:
+        """One loader per task, sharded over ranks without padding."""
+        rank, world = self._world()
+        loaders = []
+        for j in range(self.num_tasks):
+            ds = self.eval_dataset(j)
+            loaders.append(
+                DataLoader(
+                    ds,
+                    batch_size=self.eval_batch_size,
+                    sampler=UnpaddedShardSampler(ds, world, rank),
+                    num_workers=self.num_workers,
+                )
+            )
+        return loaders
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self.eval_dataloaders()
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.eval_dataloaders()
+
+    def state_dict(self) -> dict:
+        return {"task": self.current_task}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.set_task(int(state_dict["task"]))
+
+
+class ClassIncrementalDataModule(ContinualDataModule):
+    """Splits a labelled set into tasks of consecutive classes of `class_order`.
+
+    Labels are renumbered to their position in `class_order`, so task t owns the contiguous label
+    range [sum(classes_per_task[:t]), sum(classes_per_task[:t+1])); the model masks by that range
+    for task-IL predictions and by the classes seen so far for class-IL ones (Mammoth's convention).
+    Subclasses call `_split(train_x, train_y, test_x, test_y)` once their arrays are loaded.
+    """
+
+    def __init__(self, num_tasks: int, class_order: Sequence[int] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self._requested_tasks = num_tasks
+        self.class_order = list(class_order) if class_order is not None else None
+        self._train: list[Dataset] = []
+        self._eval: list[Dataset] = []
+
+    num_classes: int = 0
+    input_shape: tuple[int, ...] = ()
+
+    def _check_split(self, num_classes: int) -> list[int]:
+        order = self.class_order if self.class_order is not None else list(range(num_classes))
+        if sorted(order) != list(range(num_classes)):
+            raise ConfigError(f"data.class_order must be a permutation of 0..{num_classes - 1}, got {self.class_order}")
+        t = self._requested_tasks
+        if t < 1 or num_classes % t:
+            divisors = [d for d in range(1, num_classes + 1) if num_classes % d == 0]
+            raise ConfigError(
+                f"data.num_tasks={t}: {num_classes} classes do not split into {t} tasks of equal size; "
+                f"choose one of {divisors}"
+            )
+        return order
+
+    @property
+    def task_names(self) -> list[str]:
+        order = self._check_split(self.num_classes)
+        k = self.num_classes // self._requested_tasks
+        return ["classes " + ",".join(str(c) for c in order[i * k : (i + 1) * k]) for i in range(self._requested_tasks)]
+
+    @property
+    def classes_per_task(self) -> tuple[int, ...]:
+        return (self.num_classes // self._requested_tasks,) * self._requested_tasks
+
+    @property
+    def stream(self) -> TaskStream:
+        return TaskStream(tuple(self.task_names), self.classes_per_task, tuple(self.input_shape))
+
+    def _split(self, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor) -> None:
+        order = self._check_split(self.num_classes)
+        position = torch.empty(self.num_classes, dtype=torch.long)
+        position[torch.tensor(order)] = torch.arange(self.num_classes)
+        k = self.num_classes // self._requested_tasks
+        self._train, self._eval = [], []
+        for x, y, out in ((train_x, train_y, self._train), (test_x, test_y, self._eval)):
+            label = position[y]
+            for t in range(self._requested_tasks):
+                keep = (label >= t * k) & (label < (t + 1) * k)
+                out.append(TensorDictDataset(x=x[keep], y=label[keep], task=torch.full((int(keep.sum()),), t)))
+
+    def train_dataset(self, task_id: int) -> Dataset:
+        return self._train[task_id]
+
+    def eval_dataset(self, task_id: int) -> Dataset:
+        return self._eval[task_id]

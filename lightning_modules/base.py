@@ -1,0 +1,101 @@
+"""`ContinualModule`: what every method shares, whatever its family.
+
+It knows the task stream and the current task, answers the task hooks the task-switch callback
+calls (`on_task_start`, `on_task_end`), says which parameters train now (`trainable_parameters`,
+from which the optimizer is rebuilt at each task), scores a batch of task j (`eval_step`), and
+keeps per-rank state (replay buffers) in checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from cli.errors import ConfigError
+from datamodules.base import TaskStream
+from lightning_modules.nn.distributed import gather_rank_states
+
+
+class ContinualModule(L.LightningModule):
+    """Base of every method. `stream` comes from the datamodule (the CLI links it)."""
+
+    def __init__(
+        self,
+        stream: TaskStream | None = None,
+        optimizer: OptimizerCallable = torch.optim.SGD,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ):
+        super().__init__()
+        if stream is None:
+            raise ConfigError(
+                "model.stream is missing: the CLI fills it from the datamodule; in Python pass stream=datamodule.stream"
+            )
+        self.save_hyperparameters(ignore=["stream", "optimizer", "lr_scheduler"])
+        self.stream = stream
+        self.num_tasks = stream.num_tasks
+        self.current_task = 0
+        self._optimizer_factory = optimizer
+        self._scheduler_factory = lr_scheduler
+
+    # -- task hooks (called by callbacks.TaskSwitch) ----------------------------------------------
+    def on_task_start(self, task_id: int) -> None:
+        """Task `task_id` begins: grow, snapshot or freeze here. The optimizer is rebuilt afterwards."""
+        self.current_task = task_id
+
+    def on_task_end(self, task_id: int) -> None:
+        """Task `task_id` is over (before it is evaluated): consolidate here (Fisher, exemplars, ...)."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimizer of the current task updates."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self._optimizer_factory(self.trainable_parameters())
+        if self._scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self._scheduler_factory(optimizer)}
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def eval_step(self, batch: dict[str, Tensor], task_id: int) -> dict[str, Tensor]:
+        """Per-example scores on a batch of task `task_id`, one tensor per metric name (first is primary)."""
+        raise NotImplementedError
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        return self.eval_step(batch, dataloader_idx)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        return self.eval_step(batch, dataloader_idx)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def rank_local_state(self) -> dict:
+        """State that differs between DDP ranks (e.g. each rank's replay buffer); saved for every rank."""
+        return {}
+
+    def load_rank_local_state(self, state: dict) -> None:
+        """Restores what `rank_local_state` returned on this rank."""
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["continual"] = {
+            "num_tasks": self.num_tasks,
+            "task": self.current_task,
+            "rank_local": gather_rank_states(self.rank_local_state()),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("continual")
+        if state is None:
+            raise ConfigError(
+                "the checkpoint was not written by a lifelong module (no 'continual' entry): pass one of ours"
+            )
+        if state["num_tasks"] != self.num_tasks:
+            raise ConfigError(
+                f"the checkpoint was trained on a stream of {state['num_tasks']} tasks but the data has "
+                f"{self.num_tasks}: use the data settings it was trained with (data.num_tasks)"
+            )
+        self.current_task = int(state["task"])
+        per_rank = state["rank_local"]
+        self.load_rank_local_state(per_rank[self.global_rank % len(per_rank)])

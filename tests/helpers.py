@@ -1,0 +1,34 @@
+"""Callbacks used by tests that run the CLI in subprocesses (DDP): they record per-rank state to files."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from callbacks.base import ContinualCallback
+
+
+class RecordRankState(ContinualCallback):
+    """After the first optimizer step of every task after the first, saves this rank's trainable tensors;
+    at the end of fit, saves this rank's replay buffer."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self._pending: int | None = None
+
+    def on_task_start(self, trainer, pl_module, task_id: int) -> None:
+        self._pending = task_id if task_id > 0 else None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._pending is None:
+            return
+        params = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+        os.makedirs(self.out_dir, exist_ok=True)
+        torch.save(params, os.path.join(self.out_dir, f"params_task{self._pending}_rank{trainer.global_rank}.pt"))
+        self._pending = None
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        buffer = getattr(pl_module, "buffer", None)
+        if buffer is not None:
+            torch.save(buffer.state_dict(), os.path.join(self.out_dir, f"buffer_rank{trainer.global_rank}.pt"))

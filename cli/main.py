@@ -34,6 +34,8 @@ class _NoTips(logging.Filter):
 
 # Lightning's pytree helper uses an API that torch deprecates; the warning repeats every epoch.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+# `lifelong demo` and the benchmarks build LifelongCLI(args=...) while sys.argv holds their own arguments.
+warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
 
 for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch"):
     logging.getLogger(_name).addFilter(_NoTips())
@@ -69,12 +71,15 @@ class LifelongCLI(LightningCLI):
         if config.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in given):
             config["callbacks"] = list(config.get("callbacks") or []) + [RichProgressBar()]
         trainer = super()._instantiate_trainer(config, extra_callbacks)
-        # One checkpoint folder per experiment (not per logger version), so `--ckpt_path last` finds
-        # the previous run's last checkpoint; SLURM requeue checkpoints go to default_root_dir too.
+        # Lightning's default checkpoint callback, adapted: one folder per experiment (not per logger
+        # version), so `--ckpt_path last` finds the previous run's checkpoint, and only `last.ckpt`,
+        # rewritten each epoch (a numbered copy per epoch doubles the writes and buys no resume
+        # safety). SLURM requeue checkpoints go to default_root_dir too.
         for cb in trainer.checkpoint_callbacks:
-            if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
+            if isinstance(cb, ModelCheckpoint) and cb.dirpath is None and cb.monitor is None:
                 cb.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))
                 cb.save_last = True
+                cb.save_top_k = 0
         return trainer
 
 

@@ -12,13 +12,17 @@ from tests.conftest import config, read_reports
 
 ER = "classification/er_splitdigits.yaml"
 FINETUNE = "classification/finetune_splitdigits.yaml"
+JOINT = "classification/joint_splitdigits.yaml"
 SHORT = ("--task_switch.epochs_per_task", "2")
 
 
 def test_er_forgets_less_than_finetune_and_reports_everything(run_fit, tmp_path):
     run_fit(FINETUNE, tmp_path / "ft", *SHORT)
+    run_fit(JOINT, tmp_path / "joint", *SHORT)
     cli = run_fit(ER, tmp_path / "er", *SHORT)
-    (ft,), (er,) = read_reports(tmp_path / "ft"), read_reports(tmp_path / "er")
+    (ft,), (er,), (joint,) = (read_reports(tmp_path / d) for d in ("ft", "er", "joint"))
+    # The bounds bracket ER: Joint (all data so far) > ER (200 examples) > Finetune.
+    assert joint["summary"]["average_accuracy"] > er["summary"]["average_accuracy"]
     assert er["metric"] == "accuracy" and er["tasks"][0] == "classes 0,1" and len(er["matrix"]) == 5
     assert all(v is not None for row in er["matrix"] for v in row)
     # Class-IL: unseen tasks' classes are masked, so their accuracy is exactly 0.
@@ -59,29 +63,16 @@ def test_resumed_run_ends_with_the_same_metrics_as_an_uninterrupted_one(run_fit,
     assert resumed["summary"] == pytest.approx(full["summary"], abs=1e-6)
 
 
-def test_test_subcommand_scores_a_checkpoint_on_every_task(run_fit, tmp_path):
+@pytest.mark.parametrize("stage", ["test", "validate"])
+def test_test_and_validate_score_a_checkpoint_on_every_task(run_fit, tmp_path, stage):
     from cli.main import LifelongCLI
 
     run_fit(ER, tmp_path, "--task_switch.epochs_per_task", "1")
     (report,) = read_reports(tmp_path)
-    LifelongCLI(
-        args=[
-            "test",
-            "-c",
-            config("trainer/cpu.yaml"),
-            "-c",
-            config(ER),
-            "--trainer.enable_progress_bar",
-            "false",
-            "--continual_metrics.print_tables",
-            "false",
-            "--trainer.default_root_dir",
-            str(tmp_path),
-            "--ckpt_path",
-            str(tmp_path / "checkpoints" / "last.ckpt"),
-        ]
-    )
-    (scored,) = read_reports(tmp_path, "test_metrics.json")
+    args = ["-c", config("trainer/cpu.yaml"), "-c", config(ER), "--trainer.default_root_dir", str(tmp_path)]
+    args += ["--trainer.enable_progress_bar", "false", "--continual_metrics.print_tables", "false"]
+    LifelongCLI(args=[stage, *args, "--ckpt_path", str(tmp_path / "checkpoints" / "last.ckpt")])
+    (scored,) = read_reports(tmp_path, f"{stage}_metrics.json")
     assert scored["trained_tasks"] == 5
     assert scored["scores"]["accuracy"] == pytest.approx(report["matrix"][-1], abs=1e-6)
     assert scored["scores"]["task_il_accuracy"] == pytest.approx(

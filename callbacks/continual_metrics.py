@@ -113,7 +113,7 @@ class ContinualMetrics(ContinualCallback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.print_tables and trainer.is_global_zero and self.matrix:
-            self.print_report()
+            self.print_report(type(pl_module).__name__)
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, list[float]]:
         """Scores of the module on every task's evaluation set: {metric: [score per task]}. All ranks call it."""
@@ -169,13 +169,15 @@ class ContinualMetrics(ContinualCallback):
             name, mat = next(iter(self.matrix.items()))  # the primary metric (a figure costs ~50 ms)
             trainer.logger.experiment.add_figure(f"eval/{name}/matrix", heatmap(mat, name), global_step=task_id)
 
-    def print_report(self) -> None:
+    def print_report(self, run: str = "") -> None:
         from rich.console import Console
 
         console = Console()
         for name, mat in self.matrix.items():
-            console.print(matrix_table(mat, self.task_names, f"{name} (R[i][j]: after task i, on task j)"))
-            console.print(summary_table({"": summarize(mat, self.untrained.get(name))}, f"{name}: summary"))
+            console.print(
+                matrix_table(mat, self.task_names, f"{run} {name}: R(i, j) = score on task j after training task i")
+            )
+            console.print(summary_table({run: summarize(mat, self.untrained.get(name))}, f"{run} {name}: summary"))
 
     # -- validate / test: one row for a checkpoint --------------------------------------------
     def _stage_start(self, trainer: L.Trainer) -> None:
@@ -246,10 +248,11 @@ def matrix_table(rows: list[list[float | None]], task_names: list[str], title: s
     """A rich table of a matrix: one row per trained task (or per name), one column per task."""
     from rich.table import Table
 
-    table = Table(title=title)
+    caption = "; ".join(f"T{j + 1}: {name}" for j, name in enumerate(task_names))
+    table = Table(title=title, caption=caption)
     table.add_column("")
-    for j, name in enumerate(task_names):
-        table.add_column(f"T{j + 1}\n{name}", justify="right")
+    for j in range(len(task_names)):
+        table.add_column(f"T{j + 1}", justify="right")
     for i, row in enumerate(rows):
         if row is None or all(v is None for v in row):
             continue

@@ -1,6 +1,29 @@
 """Methods as LightningModules, one file per method, grouped by family; shared parts in `nn/`."""
 
 from lightning_modules.base import ContinualModule
-from lightning_modules.classification import ER, ClassIncrementalModule, Finetune, Joint
+from lightning_modules.classification import (
+    DER,
+    ER,
+    EWC,
+    ClassIncrementalModule,
+    DERpp,
+    Finetune,
+    ICaRL,
+    Joint,
+    LwF,
+    ReplayModule,
+)
 
-__all__ = ["ER", "ClassIncrementalModule", "ContinualModule", "Finetune", "Joint"]
+__all__ = [
+    "DER",
+    "ER",
+    "EWC",
+    "ClassIncrementalModule",
+    "ContinualModule",
+    "DERpp",
+    "Finetune",
+    "ICaRL",
+    "Joint",
+    "LwF",
+    "ReplayModule",
+]

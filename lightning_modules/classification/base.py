@@ -8,8 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from cli.errors import ConfigError
+from cli.runtime import run_seed
 from lightning_modules.base import ContinualModule
 from lightning_modules.nn.backbones import build_backbone
+from lightning_modules.nn.buffer import ReservoirBuffer
 
 
 class ClassIncrementalModule(ContinualModule):
@@ -33,19 +35,66 @@ class ClassIncrementalModule(ContinualModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.backbone(x))
 
+    def network(self) -> nn.Module:
+        """The live network (backbone then head) as one module, e.g. for snapshots."""
+        return nn.Sequential(self.backbone, self.head)
+
+    @property
+    def seen_classes(self) -> int:
+        """Number of classes of tasks 0..current."""
+        return self.class_offsets[self.current_task + 1]
+
+    @property
+    def past_classes(self) -> int:
+        """Number of classes of tasks before the current one."""
+        return self.class_offsets[self.current_task]
+
     def task_classes(self, task_id: int) -> tuple[int, int]:
         """[start, end) label range of task `task_id`."""
         return self.class_offsets[task_id], self.class_offsets[task_id + 1]
 
     def eval_step(self, batch: dict[str, Tensor], task_id: int) -> dict[str, Tensor]:
         logits = self(batch["x"])
-        seen = self.class_offsets[self.current_task + 1]
         start, end = self.task_classes(task_id)
-        class_il = logits[:, :seen].argmax(dim=1)
+        class_il = logits[:, : self.seen_classes].argmax(dim=1)
         task_il = logits[:, start:end].argmax(dim=1) + start
         y = batch["y"]
         return {"accuracy": (class_il == y).float(), "task_il_accuracy": (task_il == y).float()}
 
     @torch.no_grad()
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        return self(batch["x"])[:, : self.class_offsets[self.current_task + 1]].argmax(dim=1)
+        return self(batch["x"])[:, : self.seen_classes].argmax(dim=1)
+
+
+class ReplayModule(ClassIncrementalModule):
+    """A classifier with a reservoir memory (ER, DER, DER++).
+
+    Args:
+        buffer_size: the memory budget of the whole run; under DDP each of W ranks keeps
+            ceil(buffer_size / W) examples of its own data shard, so the budget does not grow with
+            the number of processes.
+        minibatch_size: examples replayed per step and per device (default: the batch size).
+    """
+
+    def __init__(self, buffer_size: int = 200, minibatch_size: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.buffer_size = buffer_size
+        self.minibatch_size = minibatch_size
+        self.buffer = ReservoirBuffer(buffer_size)
+
+    def setup(self, stage: str) -> None:
+        world = self.trainer.world_size
+        self.buffer = ReservoirBuffer(-(-self.buffer_size // world), seed=run_seed() + self.global_rank)
+
+    def replay(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A memory batch drawn uniformly (minibatch_size, or the current batch size, examples)."""
+        return self.buffer.sample(self.minibatch_size or len(batch["x"]), device=batch["x"].device)
+
+    def rank_local_state(self) -> dict:
+        return {"buffer": self.buffer.state_dict()}
+
+    def load_rank_local_state(self, state: dict) -> None:
+        # Evaluation never replays, and may run on another number of devices than training did.
+        trainer = getattr(self, "_trainer", None)
+        if "buffer" in state and (trainer is None or trainer.state.fn == "fit"):
+            self.buffer.load_state_dict(state["buffer"], device=self.device)

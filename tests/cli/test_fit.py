@@ -122,3 +122,21 @@ def test_every_config_parses(configs, capsys):
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "class_path: lightning_modules." in printed and "class_path: datamodules." in printed
+
+
+def test_a_ddp_trained_checkpoint_tests_on_one_device(run_fit, tmp_path):
+    """A checkpoint whose replay buffers were saved by 2 ranks (capacity 100 each) scores on 1 device."""
+    from cli.main import LifelongCLI
+
+    run_fit(ER, tmp_path, "--task_switch.steps_per_task", "3", "--data.init_args.num_tasks", "2")
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(path, weights_only=False)
+    state = ckpt["continual"]["rank_local"][0]["buffer"]
+    half = {**state, "capacity": 100, "data": {k: v[:50] for k, v in state["data"].items()}}
+    ckpt["continual"]["rank_local"] = [{"buffer": half}, {"buffer": half}]
+    torch.save(ckpt, path)
+    args = ["-c", config("trainer/cpu.yaml"), "-c", config(ER), "--trainer.default_root_dir", str(tmp_path)]
+    args += ["--data.init_args.num_tasks", "2", "--trainer.enable_progress_bar", "false"]
+    LifelongCLI(args=["test", *args, "--continual_metrics.print_tables", "false", "--ckpt_path", str(path)])
+    (scored,) = read_reports(tmp_path, "test_metrics.json")
+    assert scored["trained_tasks"] == 2 and len(scored["scores"]["accuracy"]) == 2

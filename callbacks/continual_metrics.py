@@ -124,7 +124,8 @@ class ContinualMetrics(ContinualCallback):
         with torch.no_grad(), trainer.precision_plugin.forward_context():
             for j, loader in enumerate(dm.eval_dataloaders()):
                 for batch in loader:
-                    batch = trainer.strategy.batch_to_device(batch)
+                    # Evaluation items are model-ready: move them without the datamodule's train-time hooks.
+                    batch = pl_module.transfer_batch_to_device(batch, pl_module.device, j)
                     for name, values in pl_module.eval_step(batch, j).items():
                         if name not in metrics:
                             metrics[name] = PerTaskMean(dm.num_tasks).to(pl_module.device)

@@ -1,6 +1,14 @@
 """Continual datamodules: a stream of tasks read from real on-disk formats, with embedded defaults."""
 
 from datamodules.base import ClassIncrementalDataModule, ContinualDataModule, TaskStream
+from datamodules.cifar import SplitCIFAR10, SplitCIFAR100
 from datamodules.split_digits import SplitDigits
 
-__all__ = ["ClassIncrementalDataModule", "ContinualDataModule", "SplitDigits", "TaskStream"]
+__all__ = [
+    "ClassIncrementalDataModule",
+    "ContinualDataModule",
+    "SplitCIFAR10",
+    "SplitCIFAR100",
+    "SplitDigits",
+    "TaskStream",
+]

@@ -4,7 +4,7 @@ loader for the current task, one evaluation loader per task) and the class-incre
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,31 +19,47 @@ from cli.runtime import run_seed
 
 @dataclass(frozen=True)
 class TaskStream:
-    """What a model must know about the stream before it is built (the CLI links it from the data)."""
+    """What a model must know about the stream before it is built (the CLI links it from the data).
+
+    `train_transform` / `eval_transform` map a batch of raw images (float in [0, 1]) to model inputs,
+    with and without augmentation; methods apply them to what they replay from memory.
+    """
 
     task_names: tuple[str, ...]
     classes_per_task: tuple[int, ...] = ()
     input_shape: tuple[int, ...] = ()
+    train_transform: Callable[[Tensor], Tensor] | None = None
+    eval_transform: Callable[[Tensor], Tensor] | None = None
 
     @property
     def num_tasks(self) -> int:
         return len(self.task_names)
 
 
-class TensorDictDataset(Dataset):
-    """Rows of equally long tensors, returned as dicts (batches are dicts with named fields)."""
+def as_float_image(x: Tensor) -> Tensor:
+    """uint8 images to float in [0, 1]; float images unchanged."""
+    return x.float().div_(255) if x.dtype == torch.uint8 else x
 
-    def __init__(self, **tensors: Tensor):
+
+class TensorDictDataset(Dataset):
+    """Rows of equally long tensors, returned as dicts (batches are dicts with named fields).
+    `transform`, if given, maps one item's `x` (a single image, no batch dimension)."""
+
+    def __init__(self, transform: Callable[[Tensor], Tensor] | None = None, **tensors: Tensor):
         lengths = {len(t) for t in tensors.values()}
         if len(lengths) != 1:
             raise ValueError(f"fields have different lengths: { {k: len(v) for k, v in tensors.items()} }")
         self.tensors = tensors
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(next(iter(self.tensors.values())))
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return {k: v[i] for k, v in self.tensors.items()}
+        item = {k: v[i] for k, v in self.tensors.items()}
+        if self.transform is not None:
+            item["x"] = self.transform(item["x"])
+        return item
 
 
 class EpochShuffleSampler(DistributedSampler):
@@ -86,7 +102,16 @@ class ContinualDataModule(L.LightningDataModule):
     The task-switch callback calls `set_task(t)` at each boundary; `train_dataloader()` then serves
     task t (or tasks 0..t with `train_on: seen`, the cumulative joint upper bound), while
     `eval_dataloaders()` always serves every task.
+
+    Evaluation datasets yield model-ready inputs. Training datasets may yield raw images instead:
+    with a `train_transform`, each training batch is augmented on its device after transfer
+    (`x`), and the raw images are kept as `x_raw` for the replay memories (as Mammoth does).
     """
+
+    #: batch of raw float images in [0, 1] -> augmented model inputs (None: train items are ready)
+    train_transform: Callable[[Tensor], Tensor] | None = None
+    #: batch of raw float images in [0, 1] -> model inputs without augmentation
+    eval_transform: Callable[[Tensor], Tensor] | None = None
 
     def __init__(
         self,
@@ -177,6 +202,16 @@ class ContinualDataModule(L.LightningDataModule):
     def test_dataloader(self) -> list[DataLoader]:
         return self.eval_dataloaders()
 
+    def on_after_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Tensor]:
+        """Augments training batches on their device; evaluation batches pass unchanged."""
+        trainer = self.trainer
+        if self.train_transform is None or trainer is None or not trainer.training:
+            return batch
+        if isinstance(self.train_transform, torch.nn.Module):
+            self.train_transform.to(batch["x"].device)
+        raw = as_float_image(batch["x"])
+        return {**batch, "x_raw": raw, "x": self.train_transform(raw)}
+
     def state_dict(self) -> dict:
         return {"task": self.current_task}
 
@@ -228,7 +263,19 @@ class ClassIncrementalDataModule(ContinualDataModule):
 
     @property
     def stream(self) -> TaskStream:
-        return TaskStream(tuple(self.task_names), self.classes_per_task, tuple(self.input_shape))
+        return TaskStream(
+            tuple(self.task_names),
+            self.classes_per_task,
+            tuple(self.input_shape),
+            self.train_transform,
+            self.eval_transform,
+        )
+
+    def _eval_item(self, x: Tensor) -> Tensor:
+        """One raw evaluation image -> model input (the eval transform, applied per item)."""
+        if self.eval_transform is None:
+            return x
+        return self.eval_transform(as_float_image(x).unsqueeze(0)).squeeze(0)
 
     def _split(self, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor) -> None:
         order = self._check_split(self.num_classes)
@@ -236,11 +283,15 @@ class ClassIncrementalDataModule(ContinualDataModule):
         position[torch.tensor(order)] = torch.arange(self.num_classes)
         k = self.num_classes // self._requested_tasks
         self._train, self._eval = [], []
-        for x, y, out in ((train_x, train_y, self._train), (test_x, test_y, self._eval)):
+        for x, y, out, transform in (
+            (train_x, train_y, self._train, None),
+            (test_x, test_y, self._eval, self._eval_item if self.eval_transform is not None else None),
+        ):
             label = position[y]
             for t in range(self._requested_tasks):
                 keep = (label >= t * k) & (label < (t + 1) * k)
-                out.append(TensorDictDataset(x=x[keep], y=label[keep], task=torch.full((int(keep.sum()),), t)))
+                n = int(keep.sum())
+                out.append(TensorDictDataset(transform, x=x[keep], y=label[keep], task=torch.full((n,), t)))
 
     def train_dataset(self, task_id: int) -> Dataset:
         return self._train[task_id]

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from cli.errors import ConfigError
 from cli.runtime import run_seed
+from datamodules.base import as_float_image
 from lightning_modules.base import ContinualModule
 from lightning_modules.nn.backbones import build_backbone
 from lightning_modules.nn.buffer import ReservoirBuffer
+
+
+def _apply(transform: Callable[[Tensor], Tensor] | None, x: Tensor) -> Tensor:
+    if transform is None:
+        return x
+    if isinstance(transform, nn.Module):
+        transform.to(x.device)
+    return transform(x)
 
 
 class ClassIncrementalModule(ContinualModule):
@@ -48,6 +59,27 @@ class ClassIncrementalModule(ContinualModule):
     def past_classes(self) -> int:
         """Number of classes of tasks before the current one."""
         return self.class_offsets[self.current_task]
+
+    def augment(self, x_raw: Tensor) -> Tensor:
+        """Raw images (as stored in memories) -> augmented model inputs, as the data augments them."""
+        return _apply(self.stream.train_transform, x_raw)
+
+    def model_input(self, x_raw: Tensor) -> Tensor:
+        """Raw images -> model inputs without augmentation."""
+        return _apply(self.stream.eval_transform, x_raw)
+
+    def task_batches(self, task_id: int, augment: bool, batch_size: int = 256) -> Iterator[dict[str, Tensor]]:
+        """Task `task_id`'s training set in order, on this module's device, as model inputs
+        (`x`, augmented or not) plus the raw images (`x_raw`): for end-of-task passes (Fisher, herding)."""
+        dataset = self.trainer.datamodule.train_dataset(task_id)
+        for batch in DataLoader(dataset, batch_size=batch_size):
+            raw = as_float_image(batch["x"].to(self.device))
+            yield {
+                **batch,
+                "y": batch["y"].to(self.device),
+                "x_raw": raw,
+                "x": (self.augment if augment else self.model_input)(raw),
+            }
 
     def task_classes(self, task_id: int) -> tuple[int, int]:
         """[start, end) label range of task `task_id`."""
@@ -87,8 +119,14 @@ class ReplayModule(ClassIncrementalModule):
         self.buffer = ReservoirBuffer(-(-self.buffer_size // world), seed=run_seed() + self.global_rank)
 
     def replay(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """A memory batch drawn uniformly (minibatch_size, or the current batch size, examples)."""
-        return self.buffer.sample(self.minibatch_size or len(batch["x"]), device=batch["x"].device)
+        """A memory batch drawn uniformly (minibatch_size, or the current batch size, examples);
+        the stored raw images are augmented afresh, like the current batch."""
+        memory = self.buffer.sample(self.minibatch_size or len(batch["x"]), device=batch["x"].device)
+        return {**memory, "x": self.augment(memory["x"])}
+
+    def remember(self, batch: dict[str, Tensor], **extra: Tensor) -> None:
+        """Offers the current batch's raw images (and `extra` fields) to the memory."""
+        self.buffer.add(x=batch.get("x_raw", batch["x"]), y=batch["y"], task=batch["task"], **extra)
 
     def rank_local_state(self) -> dict:
         return {"buffer": self.buffer.state_dict()}

@@ -27,7 +27,7 @@ class DER(ReplayModule):
             logit_mse = F.mse_loss(self(memory["x"]), memory["logits"])
             self.log("train/logit_mse", logit_mse)
             loss = loss + self.alpha * logit_mse + self.label_replay_loss(batch)
-        self.buffer.add(x=x, y=y, logits=logits.detach(), task=batch["task"])
+        self.remember(batch, logits=logits.detach())
         return loss
 
     def label_replay_loss(self, batch: dict[str, Tensor]) -> Tensor | float:

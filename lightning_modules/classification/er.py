@@ -21,5 +21,5 @@ class ER(ReplayModule):
             inputs, labels = torch.cat([x, memory["x"]]), torch.cat([y, memory["y"]])
         ce = F.cross_entropy(self(inputs), labels)
         self.log("train/ce", ce, prog_bar=True)
-        self.buffer.add(x=x, y=y, task=batch["task"])
+        self.remember(batch)
         return ce

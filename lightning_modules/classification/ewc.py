@@ -4,17 +4,18 @@ loss = CE + e_lambda * sum_i F_i (theta_i - theta*_i)^2, theta* being the weight
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.utils import parameters_to_vector
-from torch.utils.data import DataLoader
 
 from lightning_modules.classification.base import ClassIncrementalModule
 
 
-def fisher_diagonal(model: nn.Module, loader: DataLoader) -> Tensor:
+def fisher_diagonal(model: nn.Module, loader: Iterable[dict[str, Tensor]]) -> Tensor:
     """Mammoth's estimator: per-example squared gradients of log p(y|x) for the true label y, each
     weighted by p(y|x), averaged over the examples. Returns one value per parameter, in
     `model.parameters()` order."""
@@ -66,7 +67,7 @@ class EWC(ClassIncrementalModule):
         return ce + self.e_lambda * penalty
 
     def on_task_end(self, task_id: int) -> None:
-        data = self.trainer.datamodule.train_dataset(task_id)
-        fisher = fisher_diagonal(self, DataLoader(data, batch_size=self.fisher_batch_size))
+        # Over the task's training set, augmented as in training (Mammoth uses the train loader).
+        fisher = fisher_diagonal(self, self.task_batches(task_id, augment=True, batch_size=self.fisher_batch_size))
         self.fisher.mul_(self.gamma).add_(fisher)
         self.anchor.copy_(parameters_to_vector(self.parameters()).detach())

@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from cli.runtime import run_seed
 from lightning_modules.classification.base import ClassIncrementalModule
@@ -68,7 +67,7 @@ class ICaRL(ClassIncrementalModule):
         stored = (self.memory_y >= 0).nonzero().squeeze(1)
         if len(stored):
             pick = stored[torch.randperm(len(stored), generator=self.generator)[: self.minibatch_size or len(x)]]
-            x, y = torch.cat([x, self.memory_x[pick]]), torch.cat([y, self.memory_y[pick]])
+            x, y = torch.cat([x, self.augment(self.memory_x[pick])]), torch.cat([y, self.memory_y[pick]])
         logits = self(x)[:, : self.seen_classes]
         targets = F.one_hot(y, self.seen_classes).float()
         if self.current_task > 0:
@@ -90,21 +89,21 @@ class ICaRL(ClassIncrementalModule):
             xs.append(self.memory_x[keep])
             ys.append(self.memory_y[keep])
         task_x, task_y, task_f = [], [], []
-        for batch in DataLoader(self.trainer.datamodule.train_dataset(task_id), batch_size=256):
-            task_x.append(batch["x"])
+        for batch in self.task_batches(task_id, augment=False):
+            task_x.append(batch["x_raw"])
             task_y.append(batch["y"])
-            task_f.append(self.features(batch["x"].to(self.device)))
+            task_f.append(self.features(batch["x"]))
         task_x, task_y, task_f = torch.cat(task_x), torch.cat(task_y), torch.cat(task_f)
         for c in range(self.past_classes, seen):
             in_class = (task_y == c).nonzero().squeeze(1)
-            chosen = in_class[herding(task_f[in_class.to(self.device)], per_class).cpu()]
-            xs.append(task_x[chosen].to(self.device))
+            chosen = in_class[herding(task_f[in_class], per_class)]
+            xs.append(task_x[chosen])
             ys.append(torch.full((len(chosen),), c, device=self.device))
-        x, y = torch.cat(xs), torch.cat(ys)
+        x, y = torch.cat(xs), torch.cat(ys)  # raw images: the memory stores them unaugmented
         self.memory_y.fill_(-1)
         self.memory_x[: len(x)] = x
         self.memory_y[: len(y)] = y
-        feats = self.features(x)
+        feats = self.features(self.model_input(x))
         for c in range(seen):
             self.class_means[c] = F.normalize(feats[y == c].mean(dim=0), dim=0)
         self.train(was_training)

@@ -6,6 +6,7 @@ import glob
 import os
 
 import pytest
+import torch
 
 from tests.conftest import config, read_reports
 
@@ -28,3 +29,29 @@ def test_method_trains_two_tasks_and_resumes_identically(run_fit, tmp_path, meth
     for name, block in full["metrics"].items():
         for a, b in zip(block["matrix"], resumed["metrics"][name]["matrix"], strict=True):
             assert a == pytest.approx(b, abs=1e-6), (method, name)
+
+
+def test_er_on_tiny_cifar_trains_and_resumes_with_augmentation(run_fit, tmp_path):
+    """The real Split-CIFAR-10 config on tiny files in the CIFAR format: augmented batches, raw memory,
+    and a resume that continues the augmentation draws where the uninterrupted run was."""
+    from tests.datamodules.test_cifar import write_cifar10
+
+    write_cifar10(tmp_path / "data")
+    small = (
+        f"--data.init_args.root={tmp_path / 'data'}",
+        "--data.init_args.num_tasks=2",
+        "--data.init_args.batch_size=4",
+        "--data.init_args.num_workers=0",
+        "--model.init_args.backbone_args={nf: 4}",
+        "--model.init_args.minibatch_size=4",
+        "--task_switch.steps_per_task=3",
+    )
+    experiment = "classification/er_cifar10.yaml"
+    cli = run_fit(experiment, tmp_path / "full", *small)
+    stored = cli.model.buffer.data["x"]
+    assert stored.dtype == torch.float32 and 0.0 <= float(stored.min()) and float(stored.max()) <= 1.0  # raw images
+    run_fit(experiment, tmp_path / "cut", *small, "--task_switch.stop_after_task", "1")
+    run_fit(experiment, tmp_path / "cut", *small, "--ckpt_path", "last")
+    (full,), resumed = read_reports(tmp_path / "full"), read_reports(tmp_path / "cut")[-1]
+    for a, b in zip(full["matrix"], resumed["matrix"], strict=True):
+        assert a == pytest.approx(b, abs=1e-6)

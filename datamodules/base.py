@@ -41,6 +41,15 @@ def as_float_image(x: Tensor) -> Tensor:
     return x.float().div_(255) if x.dtype == torch.uint8 else x
 
 
+def apply_transform(transform: Callable[[Tensor], Tensor] | None, x: Tensor) -> Tensor:
+    """`transform(x)` on x's device (a module transform is moved there first); identity for None."""
+    if transform is None:
+        return x
+    if isinstance(transform, torch.nn.Module):
+        transform.to(x.device)
+    return transform(x)
+
+
 class TensorDictDataset(Dataset):
     """Rows of equally long tensors, returned as dicts (batches are dicts with named fields).
     `transform`, if given, maps one item's `x` (a single image, no batch dimension)."""
@@ -207,10 +216,8 @@ class ContinualDataModule(L.LightningDataModule):
         trainer = self.trainer
         if self.train_transform is None or trainer is None or not trainer.training:
             return batch
-        if isinstance(self.train_transform, torch.nn.Module):
-            self.train_transform.to(batch["x"].device)
         raw = as_float_image(batch["x"])
-        return {**batch, "x_raw": raw, "x": self.train_transform(raw)}
+        return {**batch, "x_raw": raw, "x": apply_transform(self.train_transform, raw)}
 
     def state_dict(self) -> dict:
         return {"task": self.current_task}
@@ -273,9 +280,7 @@ class ClassIncrementalDataModule(ContinualDataModule):
 
     def _eval_item(self, x: Tensor) -> Tensor:
         """One raw evaluation image -> model input (the eval transform, applied per item)."""
-        if self.eval_transform is None:
-            return x
-        return self.eval_transform(as_float_image(x).unsqueeze(0)).squeeze(0)
+        return apply_transform(self.eval_transform, as_float_image(x).unsqueeze(0)).squeeze(0)
 
     def _split(self, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor) -> None:
         order = self._check_split(self.num_classes)

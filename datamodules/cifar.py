@@ -41,6 +41,7 @@ class _SplitCIFAR(ClassIncrementalDataModule):
     label_key = ""
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    torchvision_class = ""  # the torchvision dataset class that can download these files
 
     def __init__(
         self,
@@ -72,7 +73,7 @@ class _SplitCIFAR(ClassIncrementalDataModule):
                 f"data.download: torchvision could not be imported ({type(err).__name__}); extract "
                 f"{self.archive} into {self.root} instead"
             ) from None
-        getattr(datasets, type(self).torchvision_class)(str(self.root), train=True, download=True)
+        getattr(datasets, self.torchvision_class)(str(self.root), train=True, download=True)
 
     def setup(self, stage: str | None = None) -> None:
         if self._train:

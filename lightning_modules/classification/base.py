@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -11,18 +11,10 @@ from torch.utils.data import DataLoader
 
 from cli.errors import ConfigError
 from cli.runtime import run_seed
-from datamodules.base import as_float_image
+from datamodules.base import apply_transform, as_float_image
 from lightning_modules.base import ContinualModule
 from lightning_modules.nn.backbones import build_backbone
 from lightning_modules.nn.buffer import ReservoirBuffer
-
-
-def _apply(transform: Callable[[Tensor], Tensor] | None, x: Tensor) -> Tensor:
-    if transform is None:
-        return x
-    if isinstance(transform, nn.Module):
-        transform.to(x.device)
-    return transform(x)
 
 
 class ClassIncrementalModule(ContinualModule):
@@ -62,11 +54,11 @@ class ClassIncrementalModule(ContinualModule):
 
     def augment(self, x_raw: Tensor) -> Tensor:
         """Raw images (as stored in memories) -> augmented model inputs, as the data augments them."""
-        return _apply(self.stream.train_transform, x_raw)
+        return apply_transform(self.stream.train_transform, x_raw)
 
     def model_input(self, x_raw: Tensor) -> Tensor:
         """Raw images -> model inputs without augmentation."""
-        return _apply(self.stream.eval_transform, x_raw)
+        return apply_transform(self.stream.eval_transform, x_raw)
 
     def task_batches(self, task_id: int, augment: bool, batch_size: int = 256) -> Iterator[dict[str, Tensor]]:
         """Task `task_id`'s training set in order, on this module's device, as model inputs
@@ -85,17 +77,21 @@ class ClassIncrementalModule(ContinualModule):
         """[start, end) label range of task `task_id`."""
         return self.class_offsets[task_id], self.class_offsets[task_id + 1]
 
+    def class_scores(self, x: Tensor) -> Tensor:
+        """One score per class, higher meaning more likely: the logits (iCaRL uses class-mean distances)."""
+        return self(x)
+
     def eval_step(self, batch: dict[str, Tensor], task_id: int) -> dict[str, Tensor]:
-        logits = self(batch["x"])
+        scores = self.class_scores(batch["x"])
         start, end = self.task_classes(task_id)
-        class_il = logits[:, : self.seen_classes].argmax(dim=1)
-        task_il = logits[:, start:end].argmax(dim=1) + start
+        class_il = scores[:, : self.seen_classes].argmax(dim=1)
+        task_il = scores[:, start:end].argmax(dim=1) + start
         y = batch["y"]
         return {"accuracy": (class_il == y).float(), "task_il_accuracy": (task_il == y).float()}
 
     @torch.no_grad()
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        return self(batch["x"])[:, : self.seen_classes].argmax(dim=1)
+        return self.class_scores(batch["x"])[:, : self.seen_classes].argmax(dim=1)
 
 
 class ReplayModule(ClassIncrementalModule):

@@ -2,8 +2,9 @@
 VENV ?= .venv
 PYTHON ?= python3
 # The CPU build is enough everywhere here; set TORCH=torch for the registry's default (CUDA) build.
+# EXTRAS: the optional dependency groups of pyproject.toml to install (the tests need classification).
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev
+EXTRAS ?= dev,classification
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(EXTRAS)
 

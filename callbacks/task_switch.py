@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -113,18 +112,8 @@ class TaskSwitch(L.Callback):
         return [cb for cb in trainer.callbacks if isinstance(cb, ContinualCallback)]
 
     def state_dict(self) -> dict:
-        # The global RNG drives batch augmentation (kornia): saving it lets a resumed run draw the
-        # same augmentations as an uninterrupted one.
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        return {"task": self.task, "started": self.started, "rng": rng}
+        return {"task": self.task, "started": self.started}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.task = int(state_dict["task"])
         self.started = bool(state_dict["started"])
-        rng = state_dict.get("rng", {})
-        if "cpu" in rng:
-            torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])

@@ -2,7 +2,10 @@
 
 from datamodules.base import ClassIncrementalDataModule, ContinualDataModule, TaskStream
 from datamodules.cifar import SplitCIFAR10, SplitCIFAR100
+from datamodules.image_folder import SplitImageFolder
 from datamodules.split_digits import SplitDigits
+from datamodules.tiny_imagenet import SplitTinyImageNet
+from datamodules.webdataset_shards import SplitWebDataset
 
 __all__ = [
     "ClassIncrementalDataModule",
@@ -10,5 +13,8 @@ __all__ = [
     "SplitCIFAR10",
     "SplitCIFAR100",
     "SplitDigits",
+    "SplitImageFolder",
+    "SplitTinyImageNet",
+    "SplitWebDataset",
     "TaskStream",
 ]

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 
 from cli.errors import ConfigError
-from cli.runtime import run_seed
+from cli.runtime import run_seed, step_seed
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,8 @@ class TaskStream:
     input_shape: tuple[int, ...] = ()
     train_transform: Callable[[Tensor], Tensor] | None = None
     eval_transform: Callable[[Tensor], Tensor] | None = None
+    #: per-channel (mean, std) the transforms normalise with; None when inputs are not normalised
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     @property
     def num_tasks(self) -> int:
@@ -212,9 +214,19 @@ class ContinualDataModule(L.LightningDataModule):
         return self.eval_dataloaders()
 
     def on_after_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Tensor]:
-        """Augments training batches on their device; evaluation batches pass unchanged."""
+        """Seeds the global RNG for this training step, then augments the batch on its device;
+        evaluation batches pass unchanged.
+
+        The random draws of a step (augmentation here, noise in the method's step) thus depend on the
+        run seed, the step and the rank only, not on how many loaders were built before: a resumed
+        run draws exactly what the uninterrupted one did.
+        """
         trainer = self.trainer
-        if self.train_transform is None or trainer is None or not trainer.training:
+        if trainer is None or not trainer.training:
+            return batch
+        seed = run_seed() if self.seed is None else self.seed
+        torch.manual_seed(step_seed(seed, trainer.global_step, trainer.global_rank))
+        if self.train_transform is None:
             return batch
         raw = as_float_image(batch["x"])
         return {**batch, "x_raw": raw, "x": apply_transform(self.train_transform, raw)}
@@ -244,6 +256,7 @@ class ClassIncrementalDataModule(ContinualDataModule):
 
     num_classes: int = 0
     input_shape: tuple[int, ...] = ()
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def _check_split(self, num_classes: int) -> list[int]:
         order = self.class_order if self.class_order is not None else list(range(num_classes))
@@ -276,6 +289,7 @@ class ClassIncrementalDataModule(ContinualDataModule):
             tuple(self.input_shape),
             self.train_transform,
             self.eval_transform,
+            self.normalization,
         )
 
     def _eval_item(self, x: Tensor) -> Tensor:

@@ -8,13 +8,12 @@ import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
-import kornia.augmentation as K
 import numpy as np
 import torch
 from torch import Tensor
 
 from cli.errors import ConfigError
-from datamodules.base import ClassIncrementalDataModule
+from datamodules.images import ImageClassIncremental, torchvision_datasets
 
 
 def read_cifar_batch(path: Path, label_key: str) -> tuple[Tensor, Tensor]:
@@ -32,15 +31,13 @@ def read_cifar_batch(path: Path, label_key: str) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(data.copy()), torch.from_numpy(labels)
 
 
-class _SplitCIFAR(ClassIncrementalDataModule):
+class _SplitCIFAR(ImageClassIncremental):
     input_shape = (3, 32, 32)
     folder = ""
     archive = ""
     train_files: tuple[str, ...] = ()
     test_files: tuple[str, ...] = ()
     label_key = ""
-    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     torchvision_class = ""  # the torchvision dataset class that can download these files
 
     def __init__(
@@ -51,29 +48,15 @@ class _SplitCIFAR(ClassIncrementalDataModule):
         download: bool = False,
         **kwargs,
     ):
-        super().__init__(num_tasks=num_tasks, class_order=class_order, **kwargs)
-        self.root = Path(root)
-        self.download = download
+        super().__init__(root=root, num_tasks=num_tasks, class_order=class_order, download=download, **kwargs)
         self._check_split(self.num_classes)
-        normalize = K.Normalize(mean=torch.tensor(self.mean), std=torch.tensor(self.std))
-        self.train_transform = K.AugmentationSequential(
-            K.RandomCrop((32, 32), padding=4), K.RandomHorizontalFlip(), normalize
-        )
-        self.eval_transform = normalize
+        self.build_transforms()
 
-    def prepare_data(self) -> None:
-        if self.download and not (self.root / self.folder).is_dir():
-            self._torchvision_download()
+    def is_present(self) -> bool:
+        return (self.root / self.folder).is_dir()
 
-    def _torchvision_download(self) -> None:
-        try:
-            from torchvision import datasets
-        except Exception as err:  # missing, or a build that does not match this torch
-            raise ConfigError(
-                f"data.download: torchvision could not be imported ({type(err).__name__}); extract "
-                f"{self.archive} into {self.root} instead"
-            ) from None
-        getattr(datasets, self.torchvision_class)(str(self.root), train=True, download=True)
+    def fetch(self) -> None:
+        getattr(torchvision_datasets(), self.torchvision_class)(str(self.root), train=True, download=True)
 
     def setup(self, stage: str | None = None) -> None:
         if self._train:

@@ -5,6 +5,7 @@ from lightning_modules.classification import (
     DER,
     ER,
     EWC,
+    LMSRR,
     ClassIncrementalModule,
     DERpp,
     Finetune,
@@ -24,6 +25,7 @@ __all__ = [
     "Finetune",
     "ICaRL",
     "Joint",
+    "LMSRR",
     "LwF",
     "ReplayModule",
 ]

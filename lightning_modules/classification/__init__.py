@@ -8,6 +8,19 @@ from lightning_modules.classification.ewc import EWC
 from lightning_modules.classification.finetune import Finetune
 from lightning_modules.classification.icarl import ICaRL
 from lightning_modules.classification.joint import Joint
+from lightning_modules.classification.lmsrr import LMSRR
 from lightning_modules.classification.lwf import LwF
 
-__all__ = ["DER", "ER", "EWC", "ClassIncrementalModule", "DERpp", "Finetune", "ICaRL", "Joint", "LwF", "ReplayModule"]
+__all__ = [
+    "DER",
+    "ER",
+    "EWC",
+    "ClassIncrementalModule",
+    "DERpp",
+    "Finetune",
+    "ICaRL",
+    "Joint",
+    "LMSRR",
+    "LwF",
+    "ReplayModule",
+]

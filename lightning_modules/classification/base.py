@@ -29,7 +29,9 @@ class ClassIncrementalModule(ContinualModule):
         super().__init__(**kwargs)
         if not self.stream.classes_per_task:
             raise ConfigError(f"{type(self).__name__} needs a class-incremental datamodule (one with classes_per_task)")
-        self.backbone = build_backbone(backbone, self.stream.input_shape, **(backbone_args or {}))
+        self.backbone = build_backbone(
+            backbone, self.stream.input_shape, input_stats=self.stream.normalization, **(backbone_args or {})
+        )
         self.head = nn.Linear(self.backbone.out_features, sum(self.stream.classes_per_task))
         self.class_offsets = [0]
         for k in self.stream.classes_per_task:

@@ -3,6 +3,7 @@ the classification module puts its own linear head on top. Later families regist
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 
@@ -23,12 +24,21 @@ def register_backbone(name: str) -> Callable:
     return wrap
 
 
-def build_backbone(name: str, input_shape: Sequence[int], **kwargs) -> nn.Module:
-    """Builds the backbone registered as `name` for inputs of `input_shape` (without the batch dimension)."""
+def build_backbone(
+    name: str,
+    input_shape: Sequence[int],
+    input_stats: tuple[Sequence[float], Sequence[float]] | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Builds the backbone registered as `name` for inputs of `input_shape` (without the batch dimension).
+    Backbones that take `input_stats` also get the (mean, std) the data is normalised with."""
     if name not in BACKBONES:
         raise ConfigError(f"model.backbone: unknown backbone {name!r}; choose one of: {', '.join(sorted(BACKBONES))}")
+    cls = BACKBONES[name]
+    if "input_stats" in inspect.signature(cls).parameters:
+        kwargs.setdefault("input_stats", input_stats)
     try:
-        return BACKBONES[name](input_shape=tuple(input_shape), **kwargs)
+        return cls(input_shape=tuple(input_shape), **kwargs)
     except TypeError as err:
         raise ConfigError(f"model.backbone_args for {name!r}: {err}") from None
 

@@ -55,7 +55,7 @@ def test_training_batches_are_augmented_and_keep_the_raw_images(tmp_path):
     dm.setup()
 
     class _Trainer:
-        training, global_rank, world_size = True, 0, 1
+        training, global_rank, world_size, global_step = True, 0, 1, 0
 
     dm.trainer = _Trainer()
     batch = next(iter(dm.train_dataloader()))
@@ -66,6 +66,11 @@ def test_training_batches_are_augmented_and_keep_the_raw_images(tmp_path):
     v = out["x_raw"][:, :, 16, 16]
     centre = out["x"][:, :, 16, 16]
     assert torch.allclose(centre, (v - torch.tensor(dm.mean)) / torch.tensor(dm.std), atol=1e-5)
+    # The augmentation of a step is a function of (seed, step, rank): repeatable, and new at the next step.
+    torch.rand(5)
+    assert torch.equal(dm.on_after_batch_transfer(batch, 0)["x"], out["x"])
+    _Trainer.global_step = 1
+    assert not torch.equal(dm.on_after_batch_transfer(batch, 0)["x"], out["x"])
     _Trainer.training = False
     assert dm.on_after_batch_transfer(batch, 0) is batch  # evaluation batches untouched
 

@@ -5,7 +5,6 @@ padding, horizontal flip) and per-dataset normalisation, applied batch-wise with
 from __future__ import annotations
 
 import pickle
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,18 +38,6 @@ class _SplitCIFAR(ImageClassIncremental):
     test_files: tuple[str, ...] = ()
     label_key = ""
     torchvision_class = ""  # the torchvision dataset class that can download these files
-
-    def __init__(
-        self,
-        root: str = "data",
-        num_tasks: int = 5,
-        class_order: Sequence[int] | None = None,
-        download: bool = False,
-        **kwargs,
-    ):
-        super().__init__(root=root, num_tasks=num_tasks, class_order=class_order, download=download, **kwargs)
-        self._check_split(self.num_classes)
-        self.build_transforms()
 
     def is_present(self) -> bool:
         return (self.root / self.folder).is_dir()

@@ -29,6 +29,9 @@ class ImageClassIncremental(ClassIncrementalDataModule):
         super().__init__(num_tasks=num_tasks, **kwargs)
         self.root = Path(root)
         self.download = download
+        if self.num_classes:  # a fixed benchmark: check the split now, before any model is built
+            self._check_split(self.num_classes)
+            self.build_transforms()
 
     def build_transforms(self) -> None:
         """Sets the kornia transforms (and the stream's `normalization`) from `input_shape`, `mean`, `std`."""

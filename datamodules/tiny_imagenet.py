@@ -4,8 +4,6 @@ test set), with Mammoth's augmentation and normalisation."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from cli.errors import ConfigError
@@ -25,17 +23,8 @@ class SplitTinyImageNet(ImageClassIncremental):
     mean = (0.4802, 0.4480, 0.3975)
     std = (0.2770, 0.2691, 0.2821)
 
-    def __init__(
-        self,
-        root: str = "data",
-        num_tasks: int = 10,
-        class_order: Sequence[int] | None = None,
-        download: bool = False,
-        **kwargs,
-    ):
-        super().__init__(root=root, num_tasks=num_tasks, class_order=class_order, download=download, **kwargs)
-        self._check_split(self.num_classes)
-        self.build_transforms()
+    def __init__(self, root: str = "data", num_tasks: int = 10, **kwargs):
+        super().__init__(root=root, num_tasks=num_tasks, **kwargs)
 
     def is_present(self) -> bool:
         return (self.root / self.folder / "wnids.txt").is_file()

@@ -61,3 +61,28 @@ def test_ddp_two_processes_match_one_and_keep_ranks_in_sync(run_fit, tmp_path):
     assert len(saved) == 2 and all(
         torch.equal(saved[r]["buffer"]["data"]["x"], buffers[r]["data"]["x"]) for r in range(2)
     )
+
+
+@pytest.mark.slow
+def test_lmsrr_under_ddp_keeps_its_vit_blocks_switches_and_fusion_in_sync(tmp_path):
+    """LMSRR's switches get no drift gradient in task 0 and the frozen copy none at all: DDP must still
+    reduce every trainable tensor, and the ranks must agree after the switch to task 1."""
+    record = tmp_path / "record"
+    args = fit_args(
+        "classification/lmsrr_splitdigits.yaml",
+        tmp_path / "ddp",
+        "--trainer.strategy=ddp",
+        "--trainer.devices=2",
+        "--data.init_args.num_tasks=2",
+        "--task_switch.steps_per_task=3",
+        "--trainer.callbacks+=tests.helpers.RecordRankState",
+        f"--trainer.callbacks.out_dir={record}",
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = (torch.load(record / f"params_task1_rank{r}.pt") for r in range(2))
+    assert "switch_logits" in a and any(k.startswith("backbone.fusion") for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -185,3 +185,47 @@ def test_sources_of_different_width_are_fused_through_feature_dim(tmp_path):
         MultiSourceFusion((3, 32, 32), sources=[TINY, {"name": "mlp"}])
     with pytest.raises(ConfigError, match="trainable_blocks=9"):
         HFViT((3, 32, 32), trainable_blocks=9)
+
+
+def _timm_importable() -> bool:
+    try:
+        import timm  # noqa: F401
+    except Exception:  # absent, or a torchvision that does not match this torch
+        return False
+    return True
+
+
+def test_timm_source_without_a_working_timm_is_one_clear_line():
+    if _timm_importable():
+        pytest.skip("timm works here; the error path is for installs without it")
+    with pytest.raises(ConfigError, match="backbone timm: timm could not be imported"):
+        MultiSourceFusion((3, 32, 32), sources=[TINY, {"name": "timm", "args": {"model_name": "vit_tiny_patch16_224"}}])
+
+
+@pytest.mark.skipif(not _timm_importable(), reason="timm needs a torchvision built for this torch")
+def test_timm_source_loads_a_local_weight_file_and_mixes_with_an_hf_vit(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    args = {"img_size": 32, "patch_size": 8, "depth": 4, "embed_dim": 32, "num_heads": 2}
+    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, **args)
+    save_file(reference.state_dict(), str(tmp_path / "vit.safetensors"))  # with its head, as published
+    source = {
+        "name": "timm",
+        "args": {
+            "model_name": "vit_tiny_patch16_224",
+            "checkpoint": str(tmp_path / "vit.safetensors"),
+            "model_args": args,
+            "trainable_blocks": 2,
+        },
+    }
+    fusion = MultiSourceFusion((3, 32, 32), sources=[TINY, source])
+    timm_source = fusion.sources[1]
+    for name, p in timm_source.model.state_dict().items():
+        assert torch.equal(p, reference.state_dict()[name]), name
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(
+        timm_source(x), reference.forward_head(reference.forward_features(x), pre_logits=True), atol=1e-5
+    )
+    out = fusion.forward_levels(x)
+    assert out.fused.shape == (2, 32) and len(out.levels) == 3 + 2

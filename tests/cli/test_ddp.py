@@ -14,6 +14,15 @@ from tests.conftest import ROOT, fit_args, read_reports
 ER = "classification/er_splitdigits.yaml"
 
 
+def run_in_subprocess(args: list[str]) -> None:
+    """`lifelong <args>` in a fresh process (DDP spawns its ranks from the command line)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_match_one_and_keep_ranks_in_sync(run_fit, tmp_path):
     run_fit(ER, tmp_path / "single")
@@ -32,11 +41,7 @@ def test_ddp_two_processes_match_one_and_keep_ranks_in_sync(run_fit, tmp_path):
         "--trainer.callbacks+=tests.helpers.RecordRankState",
         f"--trainer.callbacks.out_dir={record}",
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-m", "cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_in_subprocess(args)
 
     (single,), (ddp,) = read_reports(tmp_path / "single"), read_reports(tmp_path / "ddp")
     # Evaluation covers the whole test sets on both ranks: the untrained model scores the same.
@@ -78,11 +83,7 @@ def test_lmsrr_under_ddp_keeps_its_vit_blocks_switches_and_fusion_in_sync(tmp_pa
         "--trainer.callbacks+=tests.helpers.RecordRankState",
         f"--trainer.callbacks.out_dir={record}",
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-m", "cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_in_subprocess(args)
     a, b = (torch.load(record / f"params_task1_rank{r}.pt") for r in range(2))
     assert "switch_logits" in a and any(k.startswith("backbone.fusion") for k in a)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

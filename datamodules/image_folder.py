@@ -6,10 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from cli.errors import ConfigError
-from datamodules.images import ImageClassIncremental, decode_images
+from datamodules.images import ImageClassIncremental
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -60,26 +58,13 @@ class SplitImageFolder(ImageClassIncremental):
         super().__init__(root=root, num_tasks=num_tasks, class_order=class_order, **kwargs)
         self.train_split, self.test_split = train_split, test_split
         self._resize = tuple(image_size) if image_size is not None else None
-        self.image_size = self._resize
         self.mean, self.std = tuple(mean), tuple(std)
         # The stream (classes, input size) is known once the folder is listed: list it now, decode later.
         self.classes, self._train_files, self._train_labels = list_image_folder(self.root / train_split)
-        self.num_classes = len(self.classes)
-        self._check_split(self.num_classes)
-        if self.image_size is None:
-            first = decode_images(self._train_files[:1], None, lambda i: str(self._train_files[0]))
-            self.image_size = tuple(first.shape[2:])
-        self.input_shape = (3, *self.image_size)
-        self.build_transforms()
+        self._adopt_classes(len(self.classes), self._train_files[0], str(self._train_files[0]))
 
     def setup(self, stage: str | None = None) -> None:
         if self._train:
             return
         _, test_files, test_labels = list_image_folder(self.root / self.test_split, self.classes)
-        train_files = self._train_files
-        self._split(
-            decode_images(train_files, self._resize, lambda i: str(train_files[i])),
-            torch.tensor(self._train_labels),
-            decode_images(test_files, self._resize, lambda i: str(test_files[i])),
-            torch.tensor(test_labels),
-        )
+        self._split_encoded(self._train_files, self._train_labels, test_files, test_labels)

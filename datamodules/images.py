@@ -5,7 +5,7 @@ normalisation, applied batch-wise on the device with kornia."""
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import kornia.augmentation as K
@@ -24,6 +24,7 @@ class ImageClassIncremental(ClassIncrementalDataModule):
     mean: tuple[float, ...] = (0.0, 0.0, 0.0)
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
     crop_padding = 4
+    _resize: tuple[int, int] | None = None  # (H, W) every image is resized to when decoded; None: keep
 
     def __init__(self, root: str = "data", num_tasks: int = 5, download: bool = False, **kwargs):
         super().__init__(num_tasks=num_tasks, **kwargs)
@@ -42,6 +43,32 @@ class ImageClassIncremental(ClassIncrementalDataModule):
             K.RandomCrop(size, padding=self.crop_padding), K.RandomHorizontalFlip(), normalize
         )
         self.eval_transform = normalize
+
+    def _adopt_classes(self, num_classes: int, first_image: bytes | Path, first_name: str) -> None:
+        """Completes the stream of a set known once its files are listed: checks the class split, takes the
+        input size from `_resize` (the user's `image_size`) or else from the first image, builds the transforms."""
+        self.num_classes = num_classes
+        self._check_split(num_classes)
+        size = self._resize or tuple(decode_images([first_image], None, [first_name]).shape[2:])
+        self.input_shape = (3, *size)
+        self.build_transforms()
+
+    def _split_encoded(
+        self,
+        train: Sequence[bytes | Path],
+        train_y: Sequence[int],
+        test: Sequence[bytes | Path],
+        test_y: Sequence[int],
+        names: tuple[Sequence[str] | None, Sequence[str] | None] = (None, None),
+    ) -> None:
+        """Decodes both splits (resized to `_resize` if set; else all must share one size) and splits them
+        into tasks."""
+        self._split(
+            decode_images(train, self._resize, names[0]),
+            torch.tensor(train_y),
+            decode_images(test, self._resize, names[1]),
+            torch.tensor(test_y),
+        )
 
     def prepare_data(self) -> None:
         if self.download and not self.is_present():
@@ -68,13 +95,17 @@ def torchvision_datasets():
     return datasets
 
 
-def decode_images(blobs: Sequence[bytes | Path], size: tuple[int, int] | None, where: Callable[[int], str]) -> Tensor:
+def decode_images(
+    blobs: Sequence[bytes | Path], size: tuple[int, int] | None, names: Sequence[str] | None = None
+) -> Tensor:
     """Encoded images (bytes or files) -> uint8 [N, 3, H, W]. With `size` (H, W) every image is resized
-    to it (bilinear); without, all must already share one size. `where(i)` names image i in errors."""
+    to it (bilinear); without, all must already share one size. Errors name image i as `names[i]`
+    (default: its path)."""
     from PIL import Image, UnidentifiedImageError
 
     out = None
     for i, blob in enumerate(blobs):
+        where = names[i] if names is not None else str(blob)
         try:
             with Image.open(io.BytesIO(blob) if isinstance(blob, bytes) else blob) as im:
                 im = im.convert("RGB")
@@ -82,12 +113,12 @@ def decode_images(blobs: Sequence[bytes | Path], size: tuple[int, int] | None, w
                     im = im.resize((size[1], size[0]), Image.BILINEAR)
                 arr = np.array(im, dtype=np.uint8)
         except (OSError, UnidentifiedImageError) as err:
-            raise ConfigError(f"{where(i)}: not a readable image ({err}); remove or replace it") from None
+            raise ConfigError(f"{where}: not a readable image ({err}); remove or replace it") from None
         if out is None:
             out = torch.empty((len(blobs), 3, *arr.shape[:2]), dtype=torch.uint8)
         if tuple(arr.shape[:2]) != tuple(out.shape[2:]):
             raise ConfigError(
-                f"{where(i)}: image is {arr.shape[1]}x{arr.shape[0]} but earlier ones are "
+                f"{where}: image is {arr.shape[1]}x{arr.shape[0]} but earlier ones are "
                 f"{out.shape[3]}x{out.shape[2]}; set data.init_args.image_size to resize them all"
             )
         out[i] = torch.from_numpy(arr).permute(2, 0, 1)

@@ -4,10 +4,8 @@ test set), with Mammoth's augmentation and normalisation."""
 
 from __future__ import annotations
 
-import torch
-
 from cli.errors import ConfigError
-from datamodules.images import ImageClassIncremental, decode_images, torchvision_datasets
+from datamodules.images import ImageClassIncremental, torchvision_datasets
 
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
@@ -19,6 +17,7 @@ class SplitTinyImageNet(ImageClassIncremental):
 
     num_classes = 200
     input_shape = (3, 64, 64)
+    _resize = (64, 64)
     folder = "tiny-imagenet-200"
     mean = (0.4802, 0.4480, 0.3975)
     std = (0.2770, 0.2691, 0.2821)
@@ -61,10 +60,4 @@ class SplitTinyImageNet(ImageClassIncremental):
                 raise ConfigError(f"{annotations}:{line_no}: expected '<file>\\t<wnid>\\t...', got {line!r}")
             test_files.append(base / "val" / "images" / fields[0])
             test_y.append(label[fields[1]])
-        size = tuple(self.input_shape[1:])
-        self._split(
-            decode_images(train_files, size, lambda i: str(train_files[i])),
-            torch.tensor(train_y),
-            decode_images(test_files, size, lambda i: str(test_files[i])),
-            torch.tensor(test_y),
-        )
+        self._split_encoded(train_files, train_y, test_files, test_y)

@@ -7,11 +7,9 @@ import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from cli.errors import ConfigError
 from datamodules.image_folder import IMAGENET_MEAN, IMAGENET_STD
-from datamodules.images import ImageClassIncremental, decode_images
+from datamodules.images import ImageClassIncremental
 
 
 def read_shards(root: Path, pattern: str, image_keys: str, label_key: str) -> tuple[list[bytes], list[int], list[str]]:
@@ -52,6 +50,11 @@ def read_shards(root: Path, pattern: str, image_keys: str, label_key: str) -> tu
     return blobs, labels, keys
 
 
+def _check_labels(labels: list[int], num_classes: int, split: str) -> None:
+    if bad := [y for y in labels if not 0 <= y < num_classes]:
+        raise ConfigError(f"data.num_classes={num_classes}: the {split} shards have label {bad[0]}")
+
+
 class SplitWebDataset(ImageClassIncremental):
     """`root/<train_shards>` and `root/<test_shards>`; integer labels 0..num_classes-1 in `.cls`.
     Samples are decoded into memory at setup (uint8), so indexing, shuffling, DDP sharding and resume
@@ -84,26 +87,16 @@ class SplitWebDataset(ImageClassIncremental):
         # The stream (classes, input size) must be known before the model is built: read the training shards now.
         self._train_blobs, self._train_labels, self._train_names = read_shards(self.root, train_shards, *self._keys)
         self.test_shards = test_shards
-        self.num_classes = num_classes or max(self._train_labels) + 1
-        if bad := [y for y in self._train_labels if not 0 <= y < self.num_classes]:
-            raise ConfigError(f"data.num_classes={self.num_classes}: the training shards have label {bad[0]}")
-        self._check_split(self.num_classes)
-        first = decode_images(self._train_blobs[:1], None, lambda i: self._train_names[0])
-        size = self._resize or tuple(first.shape[2:])
-        self.input_shape = (3, *size)
-        self.build_transforms()
+        classes = num_classes or max(self._train_labels) + 1
+        _check_labels(self._train_labels, classes, "training")
+        self._adopt_classes(classes, self._train_blobs[0], self._train_names[0])
 
     def setup(self, stage: str | None = None) -> None:
         if self._train:
             return
         test_blobs, test_labels, test_names = read_shards(self.root, self.test_shards, *self._keys)
-        if bad := [y for y in test_labels if not 0 <= y < self.num_classes]:
-            raise ConfigError(f"data.num_classes={self.num_classes}: the test shards have label {bad[0]}")
-        names = self._train_names
-        self._split(
-            decode_images(self._train_blobs, self._resize, lambda i: names[i]),
-            torch.tensor(self._train_labels),
-            decode_images(test_blobs, self._resize, lambda i: test_names[i]),
-            torch.tensor(test_labels),
+        _check_labels(test_labels, self.num_classes, "test")
+        self._split_encoded(
+            self._train_blobs, self._train_labels, test_blobs, test_labels, (self._train_names, test_names)
         )
         self._train_blobs = []  # decoded now; keep memory to one copy

@@ -2,6 +2,7 @@
 
 from callbacks.base import ContinualCallback
 from callbacks.continual_metrics import ContinualMetrics, summarize
+from callbacks.expert_freezing import ExpertFreezing
 from callbacks.task_switch import TaskSwitch
 
-__all__ = ["ContinualCallback", "ContinualMetrics", "TaskSwitch", "summarize"]
+__all__ = ["ContinualCallback", "ContinualMetrics", "ExpertFreezing", "TaskSwitch", "summarize"]

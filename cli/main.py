@@ -19,7 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import datamodules  # noqa: F401  (registers the datamodules)
 import lightning_modules  # noqa: F401  (registers the methods)
-from callbacks import ContinualMetrics, TaskSwitch  # also registers them for short class names
+from callbacks import ContinualMetrics, ExpertFreezing, TaskSwitch  # also registers them for short class names
 from cli.errors import ConfigError
 from datamodules.base import ContinualDataModule
 from lightning_modules.base import ContinualModule
@@ -63,6 +63,7 @@ class LifelongCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(TaskSwitch, "task_switch")
         parser.add_lightning_class_args(ContinualMetrics, "continual_metrics")
+        parser.add_lightning_class_args(ExpertFreezing, "expert_freezing")
         parser.link_arguments("data.stream", "model.init_args.stream", apply_on="instantiate")
 
     def _instantiate_trainer(self, config: dict[str, Any], extra_callbacks: list) -> Any:

@@ -14,18 +14,23 @@ from lightning_modules.classification import (
     LwF,
     ReplayModule,
 )
+from lightning_modules.diffusion import ConceptDiffusionModule, CustomDiffusion, R2MoE, SequentialLoRA
 
 __all__ = [
     "DER",
     "ER",
     "EWC",
     "ClassIncrementalModule",
+    "ConceptDiffusionModule",
     "ContinualModule",
+    "CustomDiffusion",
     "DERpp",
     "Finetune",
     "ICaRL",
     "Joint",
     "LMSRR",
     "LwF",
+    "R2MoE",
     "ReplayModule",
+    "SequentialLoRA",
 ]

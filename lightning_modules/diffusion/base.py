@@ -1,0 +1,225 @@
+"""`ConceptDiffusionModule`: what every lifelong concept-learning method shares.
+
+It holds the frozen Stable Diffusion parts (a local diffusers folder or `tiny`), one new token per
+concept (`<new1>`, ...), the epsilon-prediction loss with Custom Diffusion's loss mask, DDIM sampling
+with classifier-free guidance, and the evaluation after each concept: images for every evaluation
+prompt, scored with CLIP-T (2.5 max(cos, 0) against the prompt without the token) and CLIP-I (mean
+cosine to the concept's real images). Checkpoints and exports hold only the method's delta (what
+`is_delta` names): the frozen base is rebuilt from `pretrained_model_name_or_path`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from cli.errors import ConfigError
+from lightning_modules.base import ContinualModule
+from lightning_modules.nn.diffusion.loss import add_noise, diffusion_target, masked_mse
+
+
+class ConceptDiffusionModule(ContinualModule):
+    """Args:
+    pretrained_model_name_or_path: a local diffusers Stable Diffusion folder, or `tiny` (random weights).
+    init_token_id: vocabulary id whose embedding initialises every concept token (42170, "ktn").
+    train_tokens: learn the current concept's token row (lr `token_lr`).
+    gradient_checkpointing: recompute UNet activations in the backward pass (less memory, ~30% slower).
+    clip_model: CLIP for the metrics: `tiny`, a local Hugging Face CLIP folder, or an open_clip file (+ clip_arch).
+    eval_samples_per_prompt / eval_inference_steps / eval_guidance_scale / eval_eta / eval_seed: sampling
+        for the evaluation after each concept (the paper: 4 samples, 50 DDIM steps, CFG 6, eta 1).
+    log_images: write each concept's evaluation images to TensorBoard as a grid.
+    """
+
+    def __init__(
+        self,
+        stream=None,
+        pretrained_model_name_or_path: str = "tiny",
+        init_token_id: int = 42170,
+        train_tokens: bool = True,
+        token_lr: float = 1e-3,
+        gradient_checkpointing: bool = False,
+        clip_model: str = "tiny",
+        clip_arch: str | None = None,
+        eval_samples_per_prompt: int = 4,
+        eval_inference_steps: int = 50,
+        eval_guidance_scale: float = 6.0,
+        eval_eta: float = 1.0,
+        eval_seed: int = 42,
+        log_images: bool = True,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ):
+        super().__init__(stream, optimizer, lr_scheduler)
+        for name in ("tokens", "classes", "gate_prompts", "resolution"):
+            if not hasattr(stream, name):
+                raise ConfigError("data: a text-to-image method needs a concept stream (datamodules.ConceptDataModule)")
+        from lightning_modules.nn.diffusion.clip_score import ClipScorer
+        from lightning_modules.nn.diffusion.components import load_stable_diffusion
+        from lightning_modules.nn.diffusion.tokens import add_concept_tokens
+
+        self.parts = load_stable_diffusion(pretrained_model_name_or_path)
+        self.concept_tokens = add_concept_tokens(
+            self.parts.tokenizer, self.parts.text_encoder, list(stream.tokens), init_token_id
+        )
+        self.concept_tokens.rows.requires_grad_(False)
+        if gradient_checkpointing:
+            self.parts.unet.enable_gradient_checkpointing()
+        self.clip = ClipScorer(clip_model, clip_arch)
+        self.train_tokens = train_tokens
+        self.token_lr = token_lr
+        self.eval_samples_per_prompt = eval_samples_per_prompt
+        self.eval_inference_steps = eval_inference_steps
+        self.eval_guidance_scale = eval_guidance_scale
+        self.eval_eta = eval_eta
+        self.eval_seed = eval_seed
+        self.log_images = log_images
+        self.strict_loading = False  # checkpoints hold the delta only
+
+    # -- what belongs to whom -----------------------------------------------------------------
+    def task_parameters(self, task_id: int) -> list[nn.Parameter]:
+        """Parameters that belong to task `task_id` (the expert-freezing callback trains only the current
+        task's): here the concept's token row; methods with experts add theirs."""
+        return [self.concept_tokens.rows[task_id]] if self.train_tokens else []
+
+    def trainable_parameters(self) -> list[dict[str, Any]]:
+        """Optimizer groups of the current task (each group may carry its own lr / weight decay)."""
+        t = self.current_task
+        return [{"params": [self.concept_tokens.rows[t]], "lr": self.token_lr}] if self.train_tokens else []
+
+    def is_delta(self, name: str) -> bool:
+        """Whether state-dict entry `name` is part of what this method learns (checkpoint, export)."""
+        return name.startswith("concept_tokens.rows.")
+
+    def delta_state_dict(self) -> dict[str, Tensor]:
+        return {k: v for k, v in self.state_dict().items() if self.is_delta(k)}
+
+    def load_delta(self, delta: dict[str, Tensor]) -> None:
+        expected = set(self.delta_state_dict())
+        missing, unexpected = expected - set(delta), set(delta) - expected
+        if missing or unexpected:
+            raise ConfigError(
+                f"the delta does not fit this model ({len(missing)} entries missing, {len(unexpected)} unexpected, "
+                f"e.g. {sorted(missing or unexpected)[0]}): load it with the config it was trained with"
+            )
+        self.load_state_dict(delta, strict=False)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if self.is_delta(k)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        missing = set(self.delta_state_dict()) - set(checkpoint["state_dict"])
+        if missing:
+            raise ConfigError(
+                f"the checkpoint lacks {len(missing)} of this method's entries (e.g. {sorted(missing)[0]}): "
+                f"it was written by another method or settings; use the config it was trained with"
+            )
+
+    # -- routing hooks (methods with adapters override) ------------------------------------------
+    def train_routing(self) -> contextlib.AbstractContextManager:
+        """Context for the UNet call of a training step."""
+        return contextlib.nullcontext()
+
+    def sample_routing(self, batch_size: int, gate_prompts: list[str] | None) -> contextlib.AbstractContextManager:
+        """Context for the UNet calls on a CFG batch [uncond (B); cond (B)] while sampling."""
+        return contextlib.nullcontext()
+
+    def extra_losses(self, context: Tensor) -> dict[str, Tensor]:
+        """Weighted loss terms added to the diffusion loss, by name (logged as train/<name>)."""
+        return {}
+
+    # -- training -----------------------------------------------------------------------------
+    def encode_prompts(self, prompts: list[str]) -> Tensor:
+        return self.parts.encode_text(list(prompts))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        parts = self.parts
+        with torch.no_grad():
+            latents = parts.encode_images(batch["pixels"])
+        noisy, noise, timesteps = add_noise(parts.noise_scheduler, latents)
+        context = self.encode_prompts(batch["caption"])
+        with self.train_routing():
+            prediction = parts.unet(noisy, timesteps, context).sample
+        target = diffusion_target(parts.noise_scheduler, latents, noise, timesteps)
+        terms = {"diffusion": masked_mse(prediction, target, batch.get("mask")), **self.extra_losses(context)}
+        loss = sum(terms.values())
+        batch_size = latents.shape[0]
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, batch_size=batch_size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        return loss
+
+    # -- sampling and evaluation --------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        gate_prompts: list[str] | None = None,
+        seed: int = 0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        eta: float | None = None,
+        resolution: int | None = None,
+    ) -> Tensor:
+        """Images (B x 3 x H x W in [0, 1]) for `prompts`; `gate_prompts` name the concept(s) to route to."""
+        from lightning_modules.nn.diffusion.sampling import ddim_sample
+
+        parts = self.parts
+        size = (resolution or self.stream.resolution) // parts.vae_scale_factor
+        cond = self.encode_prompts(prompts)
+        uncond = self.encode_prompts([""])
+        routing = self.sample_routing(len(prompts), gate_prompts)
+
+        def denoise(latents: Tensor, t: Tensor, context: Tensor) -> Tensor:
+            with routing:
+                return parts.unet(latents, t, context).sample
+
+        latents = ddim_sample(
+            denoise,
+            cond,
+            uncond,
+            (parts.unet.config.in_channels, size, size),
+            parts.noise_scheduler,
+            num_inference_steps or self.eval_inference_steps,
+            self.eval_guidance_scale if guidance_scale is None else guidance_scale,
+            self.eval_eta if eta is None else eta,
+            torch.Generator().manual_seed(seed),
+        )
+        return parts.decode_latents(latents)
+
+    def eval_step(self, batch: dict[str, Any], task_id: int) -> dict[str, Tensor]:
+        """Per generated image: CLIP-I (primary) against the concept's real images, CLIP-T against the
+        prompt without the token. Noise depends on the prompt only, so rows of the matrix differ by the model."""
+        n = self.eval_samples_per_prompt
+        images, plain = [], []
+        for prompt, prompt_plain in zip(batch["prompt"], batch["prompt_plain"], strict=True):
+            seed = self.eval_seed + zlib.crc32(prompt.encode())
+            gate = [self.stream.gate_prompts[task_id]] * n
+            images.append(self.generate([prompt] * n, gate, seed=seed))
+            plain += [prompt_plain] * n
+        images = torch.cat(images)
+        if self.log_images and batch_idx_is_first(batch):
+            self._log_grid(images, task_id)
+        return {
+            "clip_i": self.clip.clip_i(images, batch["reference"][0]),
+            "clip_t": self.clip.clip_t(images, plain),
+        }
+
+    def _log_grid(self, images: Tensor, task_id: int) -> None:
+        logger = self.logger
+        if logger is None or not hasattr(logger.experiment, "add_images") or self.global_rank != 0:
+            return
+        name = self.stream.task_names[task_id]
+        logger.experiment.add_images(f"samples/{name}", images.float().cpu(), global_step=self.global_step)
+
+
+def batch_idx_is_first(batch: dict[str, Any]) -> bool:
+    """Whether this evaluation batch starts the concept's prompt list (its grid is logged)."""
+    index = batch.get("index")
+    return index is None or int(index[0]) == 0

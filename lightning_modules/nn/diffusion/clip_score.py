@@ -1,0 +1,242 @@
+"""CLIP text and image alignment for text-to-image evaluation (Custom Diffusion / R2MoE protocol).
+
+CLIP-T is CLIPScore, 2.5 * max(cos(image, text), 0), per image and its prompt; CLIP-I is, per generated
+image, the mean cosine to every real image of the concept, so its mean over generated images is the mean
+pairwise cosine. `ClipScorer` embeds images and texts with a frozen CLIP: the random `tiny` one for tests,
+a local Hugging Face CLIP folder, or a local open_clip checkpoint file (needs `import open_clip` to work).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cli.errors import ConfigError
+
+TINY = "tiny"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIPSCORE_WEIGHT = 2.5
+CONTEXT_LENGTH = 77
+OPEN_CLIP_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+_SOURCES = (
+    "pass 'tiny', a local Hugging Face CLIP folder (config.json + weights, e.g. a saved "
+    "openai/clip-vit-base-patch32) or a local open_clip checkpoint file (.pt/.bin/.safetensors) with arch"
+)
+
+
+def clip_t_score(image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
+    """CLIPScore of row i of `image_embeds` with row i of `text_embeds`: 2.5 * max(cos, 0), shape (N,)."""
+    if image_embeds.shape != text_embeds.shape or image_embeds.dim() != 2:
+        raise ValueError(
+            f"clip_t_score needs two (N, D) tensors of the same shape, got {tuple(image_embeds.shape)} "
+            f"and {tuple(text_embeds.shape)}"
+        )
+    cos = F.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
+    return CLIPSCORE_WEIGHT * cos.clamp(min=0)
+
+
+def clip_i_score(generated_embeds: Tensor, reference_embeds: Tensor) -> Tensor:
+    """Per generated image, the mean cosine to all reference images, shape (G,). Its mean is the mean pairwise
+    cosine between the generated and the reference set."""
+    if generated_embeds.dim() != 2 or reference_embeds.dim() != 2 or reference_embeds.shape[0] == 0:
+        raise ValueError(
+            f"clip_i_score needs (G, D) and non-empty (R, D) tensors, got {tuple(generated_embeds.shape)} "
+            f"and {tuple(reference_embeds.shape)}"
+        )
+    if generated_embeds.shape[1] != reference_embeds.shape[1]:
+        raise ValueError(
+            f"clip_i_score: embedding sizes differ ({generated_embeds.shape[1]} vs {reference_embeds.shape[1]})"
+        )
+    gen = F.normalize(generated_embeds.float(), dim=-1)
+    ref = F.normalize(reference_embeds.float(), dim=-1)
+    return (gen @ ref.T).mean(dim=1)
+
+
+def tiny_clip_config():
+    """A small random CLIP with OpenAI CLIP's vocabulary and 77-token context, 32-pixel images."""
+    from transformers import CLIPConfig
+
+    text = dict(
+        vocab_size=49408,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=CONTEXT_LENGTH,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    vision = dict(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+    )
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+
+
+def _features(out) -> Tensor:
+    """transformers < 5 returns the projected features; 5.x returns an output whose pooler_output holds them."""
+    return out if isinstance(out, Tensor) else out.pooler_output
+
+
+class ClipScorer(nn.Module):
+    """A frozen CLIP that embeds images (B x 3 x H x W, float in [0, 1] or uint8) and texts, L2-normalised.
+
+    `source`: "tiny" (random, deterministic for `seed`), a local Hugging Face CLIP folder, or a local open_clip
+    checkpoint file together with `arch` (e.g. "ViT-B-32").
+    """
+
+    def __init__(self, source: str = TINY, arch: str | None = None, seed: int = 0):
+        super().__init__()
+        self.source = source
+        self.arch = arch
+        if source == TINY:
+            from transformers import CLIPModel
+
+            from lightning_modules.nn.diffusion.tokenizer import clip_tokenizer
+
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = CLIPModel(tiny_clip_config())
+            self.backend = "hf"
+            self.tokenizer = clip_tokenizer(CONTEXT_LENGTH)
+            self.image_size = int(model.config.vision_config.image_size)
+        elif os.path.isdir(source) and os.path.exists(os.path.join(source, "config.json")):
+            model, self.tokenizer = _load_hf_folder(source)
+            self.backend = "hf"
+            self.image_size = int(model.config.vision_config.image_size)
+        elif os.path.isfile(source) and source.lower().endswith(OPEN_CLIP_SUFFIXES):
+            model, self.tokenizer = _load_open_clip(source, arch)
+            self.backend = "open_clip"
+            size = model.visual.image_size
+            self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        elif not os.path.exists(source):
+            raise ConfigError(f"clip_model={source!r} does not exist: {_SOURCES}")
+        else:
+            raise ConfigError(f"clip_model={source!r} is neither a CLIP folder nor a checkpoint file: {_SOURCES}")
+        self.model = model
+        self.model.requires_grad_(False)
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> ClipScorer:
+        """Always stays in eval mode (dropout off): the scorer is a fixed measuring instrument."""
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """CLIP's eval transform in torch on the images' device: bicubic (antialiased) resize of the shorter side
+        to `image_size`, centre crop, mean/std normalisation. Returns float32 B x 3 x S x S."""
+        if images.dim() == 3:
+            images = images.unsqueeze(0)
+        if images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"images must be B x 3 x H x W (or B x 1 x H x W), got {tuple(images.shape)}")
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        size = self.image_size
+        h, w = x.shape[-2:]
+        if min(h, w) != size:
+            if h <= w:
+                new_h, new_w = size, int(size * w / h)
+            else:
+                new_h, new_w = int(size * h / w), size
+            x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+            x = x.clamp(0.0, 1.0)
+            h, w = new_h, new_w
+        top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+        x = x[..., top : top + size, left : left + size]
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    @torch.no_grad()
+    def embed_images(self, images: Tensor) -> Tensor:
+        """L2-normalised float32 image embeddings, B x D."""
+        pixels = self.preprocess(images).to(device=self.device, dtype=self.dtype)
+        if self.backend == "hf":
+            feats = _features(self.model.get_image_features(pixel_values=pixels))
+        else:
+            feats = self.model.encode_image(pixels)
+        return F.normalize(feats.float(), dim=-1)
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str]) -> Tensor:
+        """L2-normalised float32 text embeddings, N x D (77 tokens, padded and truncated)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if self.backend == "hf":
+            tokens = self.tokenizer(
+                texts, padding="max_length", max_length=CONTEXT_LENGTH, truncation=True, return_tensors="pt"
+            )
+            feats = _features(
+                self.model.get_text_features(
+                    input_ids=tokens.input_ids.to(self.device), attention_mask=tokens.attention_mask.to(self.device)
+                )
+            )
+        else:
+            feats = self.model.encode_text(self.tokenizer(texts).to(self.device))
+        return F.normalize(feats.float(), dim=-1)
+
+    def clip_t(self, images: Tensor, texts: list[str]) -> Tensor:
+        """CLIPScore of each image with its text (same order), shape (B,)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if len(texts) != images.shape[0]:
+            raise ValueError(f"clip_t needs one text per image, got {images.shape[0]} images and {len(texts)} texts")
+        return clip_t_score(self.embed_images(images), self.embed_texts(texts))
+
+    def clip_i(self, images: Tensor, reference_images: Tensor) -> Tensor:
+        """Per image, the mean cosine to all reference images, shape (B,)."""
+        return clip_i_score(self.embed_images(images), self.embed_images(reference_images))
+
+
+def _load_hf_folder(path: str):
+    from transformers import CLIPModel, CLIPTokenizer
+
+    try:
+        model = CLIPModel.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"clip_model={path!r} is not a loadable Hugging Face CLIP folder ({first})") from e
+    has_vocab = os.path.exists(os.path.join(path, "tokenizer.json")) or (
+        os.path.exists(os.path.join(path, "vocab.json")) and os.path.exists(os.path.join(path, "merges.txt"))
+    )
+    if has_vocab:
+        tokenizer = CLIPTokenizer.from_pretrained(path, local_files_only=True)
+    elif model.config.text_config.vocab_size == 49408:
+        # No tokenizer files saved with the weights: OpenAI CLIP's vocabulary is the one shipped with open_clip.
+        from lightning_modules.nn.diffusion.tokenizer import clip_tokenizer
+
+        tokenizer = clip_tokenizer(CONTEXT_LENGTH)
+    else:
+        raise ConfigError(f"clip_model={path!r} has no tokenizer (vocab.json + merges.txt): save the tokenizer there")
+    return model, tokenizer
+
+
+def _load_open_clip(path: str, arch: str | None):
+    if not arch:
+        raise ConfigError(f"clip_model={path!r} is an open_clip checkpoint: also pass clip_arch, e.g. 'ViT-B-32'")
+    try:
+        import open_clip
+    except Exception as e:  # ImportError, or torchvision's operators failing to register against this torch
+        raise ConfigError(
+            f"clip_model={path!r} needs open_clip, which needs torchvision built for the installed torch "
+            f"({type(e).__name__}): use a local Hugging Face CLIP folder instead, or install the extra that "
+            "provides torchvision"
+        ) from e
+    model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=path)
+    tokenizer = open_clip.get_tokenizer(arch)
+    return model, tokenizer

@@ -1,0 +1,152 @@
+"""Stable Diffusion's components (UNet, VAE, CLIP text encoder, tokenizer, noise scheduler), loaded with
+diffusers/transformers from a local diffusers folder, or built as the `tiny` preset: random weights of
+the same classes, small enough for CPU tests and demos, and the same on every call (a checkpoint need
+not store the frozen base; it is rebuilt)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor, nn
+
+from cli.errors import ConfigError
+
+TINY = "tiny"
+SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+# SD 1.x's training schedule: 1000 steps, "scaled linear" betas 0.00085 -> 0.012, epsilon prediction.
+SD_SCHEDULE = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    clip_sample=False,
+)
+
+
+class StableDiffusionParts(nn.Module):
+    """The frozen base of a text-to-image method. `tokenizer` and `noise_scheduler` hold no weights."""
+
+    def __init__(self, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer, noise_scheduler):
+        super().__init__()
+        self.unet = unet
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.noise_scheduler = noise_scheduler
+        for part in (unet, vae, text_encoder):
+            part.requires_grad_(False)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel (8 for SD)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return int(self.unet.config.cross_attention_dim)
+
+    def tokenize(self, prompts: list[str]) -> Tensor:
+        ids = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return ids.to(self.text_encoder.device)
+
+    def encode_text(self, prompts: list[str]) -> Tensor:
+        """Text-encoder hidden states (B x 77 x d), the UNet's cross-attention context."""
+        return self.text_encoder(self.tokenize(prompts))[0]
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images in [-1, 1] -> scaled latents (a sample of the VAE posterior)."""
+        latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.sample()
+        return latents * self.vae.config.scaling_factor
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Scaled latents -> images in [0, 1]."""
+        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def tiny_stable_diffusion(seed: int = 0) -> StableDiffusionParts:
+    """Random-weight SD of the real classes: a 2-level UNet (32/64 channels, cross-attention 32), a
+    2-level VAE (x2 downsampling) and a 5-layer CLIP text encoder with CLIP's full BPE vocabulary."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lightning_modules.nn.diffusion.tokenizer import clip_tokenizer
+
+    tokenizer = clip_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(32, 64),
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            latent_channels=4,
+            sample_size=64,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=37,
+                num_attention_heads=4,
+                num_hidden_layers=5,
+                max_position_embeddings=77,
+                bos_token_id=49406,
+                eos_token_id=49407,
+                pad_token_id=49407,
+                initializer_range=0.5,
+            )
+        )
+    return StableDiffusionParts(unet, vae, text_encoder, tokenizer, DDPMScheduler(**SD_SCHEDULE))
+
+
+def load_stable_diffusion(pretrained_model_name_or_path: str, seed: int = 0) -> StableDiffusionParts:
+    """`tiny`, or a local diffusers folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/); never downloads."""
+    if pretrained_model_name_or_path == TINY:
+        return tiny_stable_diffusion(seed)
+    path = pretrained_model_name_or_path
+    missing = [s for s in SUBFOLDERS if not os.path.isdir(os.path.join(path, s))]
+    if missing:
+        raise ConfigError(
+            f"model.pretrained_model_name_or_path: {path!r} is not a diffusers folder (missing {', '.join(missing)}/); "
+            f"pass a local Stable Diffusion folder (e.g. a saved stable-diffusion-v1-5) or 'tiny'"
+        )
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    return StableDiffusionParts(
+        UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True),
+        AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True),
+        CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True),
+        CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True),
+        DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True),
+    )
+
+
+def save_tiny(path: str, seed: int = 0) -> str:
+    """Writes the tiny preset as a diffusers folder (what a saved SD checkpoint looks like on disk)."""
+    parts = tiny_stable_diffusion(seed)
+    for name in ("unet", "vae", "text_encoder", "tokenizer"):
+        getattr(parts, name).save_pretrained(os.path.join(path, name))
+    parts.noise_scheduler.save_pretrained(os.path.join(path, "scheduler"))
+    return path

@@ -1,0 +1,69 @@
+"""The CLIP BPE tokenizer built from the vocabulary that ships inside `open_clip_torch`, so the `tiny`
+preset and the CLIP scorer tokenise exactly like SD's text encoder without a download."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.util
+import json
+import os
+import tempfile
+
+from cli.errors import ConfigError
+
+# The vocabulary is fixed by the BPE file: 256 bytes, their 256 end-of-word forms, 48,894 merges,
+# then <|startoftext|> and <|endoftext|> (49,408 entries; OpenAI CLIP's vocabulary).
+NUM_MERGES = 49152 - 256 - 2
+
+
+def _bpe_file() -> str:
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "the tiny diffusion preset needs the CLIP BPE vocabulary from open_clip_torch: "
+            "run `make install EXTRAS=dev,classification,diffusion`"
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], "bpe_simple_vocab_16e6.txt.gz")
+    if not os.path.exists(path):
+        raise ConfigError(f"{path} is missing: reinstall open_clip_torch")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map, which CLIP's BPE is written in."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+@functools.lru_cache(maxsize=1)
+def clip_bpe_files() -> tuple[str, str]:
+    """(vocab.json, merges.txt) in the format `transformers.CLIPTokenizer` reads, written once per process."""
+    with gzip.open(_bpe_file(), "rt", encoding="utf-8") as f:
+        merges = f.read().split("\n")[1 : NUM_MERGES + 1]
+    pairs = [tuple(m.split()) for m in merges]
+    chars = list(_byte_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(p) for p in pairs] + ["<|startoftext|>", "<|endoftext|>"]
+    folder = tempfile.mkdtemp(prefix="clip-bpe-")
+    vocab_path, merges_path = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
+    with open(vocab_path, "w", encoding="utf-8") as f:
+        json.dump({tok: i for i, tok in enumerate(vocab)}, f)
+    with open(merges_path, "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(" ".join(p) for p in pairs) + "\n")
+    return vocab_path, merges_path
+
+
+def clip_tokenizer(max_length: int = 77):
+    """A `transformers.CLIPTokenizer` with OpenAI CLIP's vocabulary (49,408 tokens), padding with <|endoftext|>."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_bpe_files()
+    return CLIPTokenizer(vocab, merges, model_max_length=max_length, pad_token="<|endoftext|>")

@@ -2,6 +2,7 @@
 
 from datamodules.base import ClassIncrementalDataModule, ContinualDataModule, TaskStream
 from datamodules.cifar import SplitCIFAR10, SplitCIFAR100
+from datamodules.concepts import ConceptDataModule, ConceptStream
 from datamodules.image_folder import SplitImageFolder
 from datamodules.split_digits import SplitDigits
 from datamodules.tiny_imagenet import SplitTinyImageNet
@@ -9,6 +10,8 @@ from datamodules.webdataset_shards import SplitWebDataset
 
 __all__ = [
     "ClassIncrementalDataModule",
+    "ConceptDataModule",
+    "ConceptStream",
     "ContinualDataModule",
     "SplitCIFAR10",
     "SplitCIFAR100",

@@ -2,9 +2,10 @@
 VENV ?= .venv
 PYTHON ?= python3
 # The CPU build is enough everywhere here; set TORCH=torch for the registry's default (CUDA) build.
-# EXTRAS: the optional dependency groups of pyproject.toml to install (the tests need classification).
+# EXTRAS: the optional dependency groups of pyproject.toml to install (the tests need classification
+# and diffusion). With diffusion, open_clip_torch comes without dependencies: only its BPE vocabulary is used.
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev,classification
+EXTRAS ?= dev,classification,diffusion
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(EXTRAS)
 
@@ -19,6 +20,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	case ",$(EXTRAS)," in *,diffusion,*) $(BIN)/python -m pip install -q --no-deps "open_clip_torch>=2.24" ;; esac
 	touch $@
 
 demo: install ## train Finetune and ER on Split-Digits and compare them
@@ -36,8 +38,9 @@ format: install ## ruff format and autofix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: install ## speed benchmarks (print a table, write JSON under benchmarks/out/)
+bench: install ## benchmarks (print a table, write JSON under benchmarks/out/)
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/r2moe_storage.py
 
 clean: ## remove runs and caches (keeps .venv)
 	rm -rf runs lightning_logs .pytest_cache .ruff_cache benchmarks/out

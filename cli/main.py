@@ -86,6 +86,9 @@ class LifelongCLI(LightningCLI):
 
 EXTRA_COMMANDS = {
     "demo": "cli.demo:main",
+    "sample": "cli.diffusion:sample",
+    "export": "cli.diffusion:export",
+    "make-reg": "cli.diffusion:make_reg",
 }
 
 

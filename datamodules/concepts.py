@@ -359,6 +359,12 @@ class ConceptDataModule(ContinualDataModule):
             reg = reg[: self.num_reg_images]
         return _Concept(name, token, cls, images, captions, prompts, reg)
 
+    def regularisation_folders(self) -> dict[str, Path]:
+        """class word -> the folder its regularisation images go to (what `lifelong make-reg` fills)."""
+        root = self.root if self.root is not None else Path(".")
+        reg_root = self.reg_root if self.reg_root is not None else root / "reg"
+        return {c.cls: reg_root / c.cls.replace(" ", "_") for c in self._catalog()}
+
     # -- the stream ------------------------------------------------------------------------------------
     @property
     def task_names(self) -> list[str]:

@@ -99,8 +99,9 @@ class ConceptDiffusionModule(ContinualModule):
         return {k: v for k, v in self.state_dict().items() if self.is_delta(k)}
 
     def load_delta(self, delta: dict[str, Tensor]) -> None:
-        expected = set(self.delta_state_dict())
-        missing, unexpected = expected - set(delta), set(delta) - expected
+        """Loads an exported delta (or a checkpoint's state dict) into the freshly built model."""
+        missing = set(self.delta_state_dict()) - set(delta)
+        unexpected = {k for k in delta if not self.is_delta(k) or k not in self.state_dict()}
         if missing or unexpected:
             raise ConfigError(
                 f"the delta does not fit this model ({len(missing)} entries missing, {len(unexpected)} unexpected, "
@@ -128,6 +129,14 @@ class ConceptDiffusionModule(ContinualModule):
 
     def sample_routing(self, batch_size: int, gate_prompts: list[str] | None) -> contextlib.AbstractContextManager:
         """Context for the UNet calls on a CFG batch [uncond (B); cond (B)] while sampling."""
+        return contextlib.nullcontext()
+
+    def region_routing(self, gate_prompts: list[str], batch_size: int) -> contextlib.AbstractContextManager:
+        """Context for one concept's region in a composition (R2MoE: that concept's gate)."""
+        return self.sample_routing(batch_size, gate_prompts)
+
+    def base_routing(self) -> contextlib.AbstractContextManager:
+        """Context in which the UNet is the base model (a composition's background), where the method can."""
         return contextlib.nullcontext()
 
     def extra_losses(self, context: Tensor) -> dict[str, Tensor]:
@@ -191,6 +200,61 @@ class ConceptDiffusionModule(ContinualModule):
             self.eval_eta if eta is None else eta,
             torch.Generator().manual_seed(seed),
         )
+        return parts.decode_latents(latents)
+
+    @torch.no_grad()
+    def compose(
+        self,
+        region_prompts: list[str],
+        gate_prompts: list[str],
+        masks: Tensor,
+        background: str,
+        num_images: int,
+        seed: int = 0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        eta: float | None = None,
+    ) -> Tensor:
+        """Several concepts in one image: concept i, prompted by region_prompts[i] and routed by
+        gate_prompts[i], inside masks[i] (K x 1 x h x w at latent size); the background prompt elsewhere.
+        The coarse layers read the full prompt (the regions and the background joined)."""
+        from lightning_modules.nn.diffusion.composition import Region, RegionalCrossAttention, regional_attention
+        from lightning_modules.nn.diffusion.sampling import ddim_sample
+
+        parts, b = self.parts, num_images
+        uncond = self.encode_prompts([""]).expand(b, -1, -1)
+
+        def cfg_context(prompt: str) -> Tensor:
+            return torch.cat([uncond, self.encode_prompts([prompt]).expand(b, -1, -1)])
+
+        full_prompt = ", ".join([*region_prompts, background] if background else region_prompts)
+        regions = [
+            Region(cfg_context(p), lambda g=g: self.region_routing([g], b), m[None])
+            for p, g, m in zip(region_prompts, gate_prompts, masks, strict=True)
+        ]
+        processor = RegionalCrossAttention(
+            regions,
+            Region(cfg_context(background), self.base_routing),
+            Region(cfg_context(full_prompt), lambda: self.region_routing(list(gate_prompts), b)),
+            min_tokens=(masks.shape[-1] // 4) ** 2,
+        )
+        size = masks.shape[-1]
+
+        def denoise(latents: Tensor, t: Tensor, context: Tensor) -> Tensor:
+            return parts.unet(latents, t, context).sample
+
+        with regional_attention(parts.unet, processor):
+            latents = ddim_sample(
+                denoise,
+                self.encode_prompts([full_prompt]).expand(b, -1, -1),
+                self.encode_prompts([""]),
+                (parts.unet.config.in_channels, size, size),
+                parts.noise_scheduler,
+                num_inference_steps or self.eval_inference_steps,
+                self.eval_guidance_scale if guidance_scale is None else guidance_scale,
+                self.eval_eta if eta is None else eta,
+                torch.Generator().manual_seed(seed),
+            )
         return parts.decode_latents(latents)
 
     def eval_step(self, batch: dict[str, Any], task_id: int) -> dict[str, Tensor]:

@@ -84,6 +84,29 @@ class R2MoE(ConceptDiffusionModule):
             key in name for key in (".lora_down.", ".lora_up.", ".route.", ".alive", "gate_memory", "kept_experts")
         )
 
+    def delta_state_dict(self) -> dict[str, Tensor]:
+        """Experts, routers and token rows, without the A/B of removed layer-experts (they are zero)."""
+        dead = self._dead_expert_keys()
+        return {k: v for k, v in super().delta_state_dict().items() if k not in dead}
+
+    def load_delta(self, delta: dict[str, Tensor]) -> None:
+        alive = {k: v for k, v in delta.items() if k.endswith(".alive")}
+        self.load_state_dict(alive, strict=False)  # first: which experts exist
+        for layer in self.experts.layers:
+            for t in range(self.num_tasks):
+                if not bool(layer.alive[t + 1]):
+                    layer.remove_expert(t)
+        super().load_delta(delta)
+
+    def _dead_expert_keys(self) -> set[str]:
+        prefix = {id(m): n for n, m in self.named_modules()}
+        dead = set()
+        for layer in self.experts.layers:
+            for t in range(self.num_tasks):
+                if not bool(layer.alive[t + 1]):
+                    dead |= {f"{prefix[id(layer)]}.lora_down.{t}", f"{prefix[id(layer)]}.lora_up.{t}"}
+        return dead
+
     # -- routing ------------------------------------------------------------------------------
     def gate_input(self, prompts: list[str]) -> Tensor:
         """u: the mean over prompts and all 77 token positions of the text-encoder output."""
@@ -101,6 +124,9 @@ class R2MoE(ConceptDiffusionModule):
         gate = self.gate_input(gate_prompts) if gate_prompts else None
         mask = torch.cat([torch.zeros(batch_size), torch.ones(batch_size)]).to(self.device)
         return self.experts.routing("infer", finished - 1, gate, mask)
+
+    def base_routing(self):
+        return self.experts.routing("off", 0)
 
     def finished_tasks(self) -> int:
         return int((self.kept_experts >= 0).sum())

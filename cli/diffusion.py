@@ -1,0 +1,221 @@
+"""The text-to-image subcommands, each driven by the experiment's YAML (model and data as for `fit`):
+
+    lifelong sample   -c CONFIG (--ckpt_path CKPT | --delta DELTA) --prompt "a {} on a beach" --concept cat --out DIR
+    lifelong export   -c CONFIG --ckpt_path CKPT --out delta.safetensors
+    lifelong make-reg -c CONFIG [--num_images 25]
+
+`sample` also composes several concepts: `--concept cat --concept cup --mask cat.png --mask cup.png
+--prompt "..." --prompt "..." --background "..."` (one region prompt and one mask file per concept).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cli.errors import ConfigError
+
+
+def _fail(message: str) -> None:
+    print(f"lifelong: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _parser(description: str):
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(description=description, exit_on_error=False)
+    parser.add_argument("-c", "--config", action="append", required=True, help="the experiment's YAML (repeatable)")
+    parser.add_argument("--set", action="append", default=[], help="extra CLI overrides, e.g. --set=--data.root=x")
+    parser.add_argument("--options", action=ActionConfigFile)
+    return parser
+
+
+def build(configs: list[str], extra: list[str] = ()) -> tuple[Any, Any]:
+    """(model, datamodule) as `lifelong fit -c ...` would build them, on CPU, without training."""
+    from cli.main import LifelongCLI
+
+    args = []
+    for c in configs:
+        if not os.path.exists(c):
+            raise ConfigError(f"--config: {c} not found")
+        args += ["-c", c]
+    args += ["--trainer.logger", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "1", *extra]
+    cli = LifelongCLI(args=args, run=False)
+    from lightning_modules.diffusion.base import ConceptDiffusionModule
+
+    if not isinstance(cli.model, ConceptDiffusionModule):
+        raise ConfigError(f"model: {type(cli.model).__name__} is not a text-to-image method")
+    return cli.model, cli.datamodule
+
+
+def load_weights(model, ckpt_path: str | None, delta: str | None) -> None:
+    """Loads a fit checkpoint (`last.ckpt`) or an exported delta into a freshly built model."""
+    if (ckpt_path is None) == (delta is None):
+        raise ConfigError("pass exactly one of --ckpt_path (a fit checkpoint) or --delta (an exported .safetensors)")
+    path = ckpt_path or delta
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path} not found")
+    if delta is not None:
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(delta)
+        except Exception as err:  # noqa: BLE001  (safetensors raises its own error types)
+            raise ConfigError(f"--delta {delta}: not a safetensors file ({err})") from None
+        model.load_delta(state)
+        return
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001  (pickle and zip errors vary)
+        raise ConfigError(f"--ckpt_path {ckpt_path}: not a checkpoint ({type(err).__name__})") from None
+    model.on_load_checkpoint(checkpoint)
+    model.load_delta(checkpoint["state_dict"])
+
+
+def _concept_index(datamodule, concept: str) -> int:
+    names = list(datamodule.task_names)
+    if concept in names:
+        return names.index(concept)
+    if concept.isdigit() and int(concept) < len(names):
+        return int(concept)
+    raise ConfigError(f"--concept {concept!r} is not one of {names}")
+
+
+def _save_png(image: torch.Tensor, path: Path) -> None:
+    from PIL import Image
+
+    array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    Image.fromarray(array).save(path)
+
+
+def sample(argv: list[str]) -> None:
+    """`lifelong sample`: images for prompts, routed to a concept (or composed from several), as PNGs."""
+    parser = _parser("Sample images from a trained concept model.")
+    parser.add_argument("--ckpt_path", type=str | None, default=None)
+    parser.add_argument("--delta", type=str | None, default=None)
+    parser.add_argument("--prompt", action="append", required=True, help='"{}" becomes "<token> <class>"')
+    parser.add_argument("--concept", action="append", default=[], help="concept name or index (repeat to compose)")
+    parser.add_argument("--gate_prompt", type=str | None, default=None, help="route by this text instead")
+    parser.add_argument("--mask", action="append", default=[], help="one mask image per concept (composition)")
+    parser.add_argument("--background", type=str, default="", help="background prompt (composition)")
+    parser.add_argument("--out", type=str, required=True)
+    parser.add_argument("--num_images", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--guidance_scale", type=float, default=6.0)
+    parser.add_argument("--eta", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=42)
+    try:
+        cfg = parser.parse_args(argv)
+        model, datamodule = build(cfg.config, cfg.set)
+        load_weights(model, cfg.ckpt_path, cfg.delta)
+        model.eval()
+        stream = model.stream
+        indices = [_concept_index(datamodule, c) for c in cfg.concept]
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        settings = dict(num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, eta=cfg.eta)
+        if cfg.mask:
+            images = _compose(model, stream, indices, cfg, settings)
+            names = [f"composition_{i:02d}.png" for i in range(len(images))]
+        else:
+            if len(indices) > 1:
+                raise ConfigError("--concept given twice without --mask: composing concepts needs one mask each")
+            k = indices[0] if indices else None
+            fill = f"{stream.tokens[k]} {stream.classes[k]}" if k is not None else ""
+            gate = cfg.gate_prompt or (stream.gate_prompts[k] if k is not None else None)
+            images, names = [], []
+            for p, prompt in enumerate(cfg.prompt):
+                text = prompt.replace("{}", fill)
+                gates = [gate] * cfg.num_images if gate else None
+                images.append(model.generate([text] * cfg.num_images, gates, seed=cfg.seed + p, **settings))
+                names += [f"prompt{p:02d}_{i:02d}.png" for i in range(cfg.num_images)]
+            images = torch.cat(images)
+        for image, name in zip(images, names, strict=True):
+            _save_png(image, out / name)
+    except ConfigError as err:
+        _fail(str(err))
+    print(f"wrote {len(names)} images to {out}")
+
+
+def _compose(model, stream, indices: list[int], cfg, settings: dict) -> torch.Tensor:
+    from lightning_modules.nn.diffusion.composition import read_masks
+
+    if len(cfg.mask) != len(indices) or len(cfg.prompt) != len(indices):
+        raise ConfigError("composition: give one --concept, one --mask and one --prompt per concept, in the same order")
+    latent = stream.resolution // model.parts.vae_scale_factor
+    masks = read_masks(cfg.mask, latent)
+    regions = [cfg.prompt[i].replace("{}", f"{stream.tokens[k]} {stream.classes[k]}") for i, k in enumerate(indices)]
+    gates = [stream.gate_prompts[k] for k in indices]
+    return model.compose(regions, gates, masks, cfg.background, cfg.num_images, seed=cfg.seed, **settings)
+
+
+def export(argv: list[str]) -> None:
+    """`lifelong export`: the method's delta (experts, routers, token rows, ...) as safetensors."""
+    from safetensors.torch import save_file
+
+    parser = _parser("Export what a concept model learned (its delta) to a safetensors file.")
+    parser.add_argument("--ckpt_path", type=str, required=True)
+    parser.add_argument("--out", type=str, required=True)
+    try:
+        cfg = parser.parse_args(argv)
+        model, _ = build(cfg.config, cfg.set)
+        load_weights(model, cfg.ckpt_path, None)
+    except ConfigError as err:
+        _fail(str(err))
+    delta = {k: v.detach().contiguous().cpu() for k, v in model.delta_state_dict().items()}
+    metadata = {
+        "method": type(model).__name__,
+        "concepts": json.dumps(list(model.stream.task_names)),
+        "tokens": json.dumps(list(model.stream.tokens)),
+        "base": str(model.hparams.pretrained_model_name_or_path),
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    tmp = cfg.out + ".tmp"
+    save_file(delta, tmp, metadata=metadata)
+    os.replace(tmp, cfg.out)
+    params = sum(v.numel() for v in delta.values())
+    print(f"wrote {cfg.out}: {len(delta)} tensors, {params:,} values, {os.path.getsize(cfg.out):,} bytes")
+
+
+def make_reg(argv: list[str]) -> None:
+    """`lifelong make-reg`: regularisation images of every concept's class, from the base model
+    ("<token> <class>" with the untrained token, 50 DDIM steps, eta 1, CFG 6, as the released script)."""
+    parser = _parser("Generate regularisation images with the base model.")
+    parser.add_argument("--num_images", type=int, default=25)
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--guidance_scale", type=float, default=6.0)
+    parser.add_argument("--seed", type=int, default=0)
+    try:
+        cfg = parser.parse_args(argv)
+        model, datamodule = build(cfg.config, [*cfg.set, "--data.init_args.prior_preservation", "false"])
+    except ConfigError as err:
+        _fail(str(err))
+    if datamodule.root is None:
+        _fail("data.root is not set: make-reg writes next to a concepts folder (the embedded concepts ship theirs)")
+    model.eval()
+    stream = model.stream
+    done = set()
+    for k, cls in enumerate(stream.classes):
+        if cls in done:
+            continue
+        done.add(cls)
+        folder = datamodule.regularisation_folders()[cls]
+        folder.mkdir(parents=True, exist_ok=True)
+        start = len(list(folder.glob("*.png")))
+        prompt = f"{stream.tokens[k]} {cls}"
+        for first in range(start, cfg.num_images, cfg.batch_size):
+            n = min(cfg.batch_size, cfg.num_images - first)
+            images = model.generate(
+                [prompt] * n, None, seed=cfg.seed + first, num_inference_steps=cfg.steps,
+                guidance_scale=cfg.guidance_scale, eta=1.0,
+            )
+            for i, image in enumerate(images):
+                _save_png(image, folder / f"{first + i:04d}.png")
+        print(f"{folder}: {max(cfg.num_images, start)} images of '{cls}'")

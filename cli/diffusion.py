@@ -213,8 +213,12 @@ def make_reg(argv: list[str]) -> None:
         for first in range(start, cfg.num_images, cfg.batch_size):
             n = min(cfg.batch_size, cfg.num_images - first)
             images = model.generate(
-                [prompt] * n, None, seed=cfg.seed + first, num_inference_steps=cfg.steps,
-                guidance_scale=cfg.guidance_scale, eta=1.0,
+                [prompt] * n,
+                None,
+                seed=cfg.seed + first,
+                num_inference_steps=cfg.steps,
+                guidance_scale=cfg.guidance_scale,
+                eta=1.0,
             )
             for i, image in enumerate(images):
                 _save_png(image, folder / f"{first + i:04d}.png")

@@ -191,26 +191,38 @@ class ConceptTrainDataset(Dataset):
         return self.length
 
     def __getitem__(self, i: int) -> dict:
+        """An un-augmented item; `augment_batch` augments it after the step's RNG is seeded."""
         r = self.targets.shape[-1]
         side = r // self.mask_downsample
         n_reg = len(self.reg)
         if i < n_reg:
-            pixels = _to_unit(self.reg[i])
-            pixels = _flip(pixels) if self.augment else pixels
-            mask, caption = torch.ones(1, side, side), f"photo of a {self.class_word}"
+            pixels, line, caption = _to_unit(self.reg[i]), "", f"photo of a {self.class_word}"
         else:
             j = (i - n_reg) % len(self.targets)
-            pixels, mask, prefix = _to_unit(self.targets[j]), torch.ones(1, side, side), ""
-            if self.augment:
-                pixels, mask, prefix = augment_target(pixels, self.mask_downsample)
-            caption = "photo of a " + prefix + self.captions[j]
+            pixels, line = _to_unit(self.targets[j]), self.captions[j]
+            caption = "photo of a " + line
         return {
             "pixels": pixels.contiguous(),
-            "mask": mask,
+            "mask": torch.ones(1, side, side),
             "caption": caption,
+            "line": line,
             "is_reg": torch.tensor(i < n_reg),
             "task": torch.tensor(self.task, dtype=torch.long),
         }
+
+
+def augment_batch(batch: dict, mask_downsample: int) -> dict:
+    """Custom Diffusion's augmentation of a training batch, item by item: regularisation images are only
+    flipped; concept images go through `augment_target` and their caption gets its prefix."""
+    pixels, masks, captions = batch["pixels"].clone(), batch["mask"].clone(), list(batch["caption"])
+    for i, is_reg in enumerate(batch["is_reg"].tolist()):
+        if is_reg:
+            pixels[i] = _flip(pixels[i])
+            continue
+        image, mask, prefix = augment_target(pixels[i], mask_downsample)
+        pixels[i], masks[i] = image, mask.to(masks.device)
+        captions[i] = "photo of a " + prefix + batch["line"][i]
+    return {**batch, "pixels": pixels, "mask": masks, "caption": captions}
 
 
 class ConceptEvalDataset(Dataset):
@@ -407,6 +419,14 @@ class ConceptDataModule(ContinualDataModule):
 
     def train_dataset(self, task_id: int) -> Dataset:
         return self._train[task_id]
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Seeds the step's RNG (base class), then augments: a resumed run draws what the uninterrupted one did."""
+        batch = super().on_after_batch_transfer(batch, dataloader_idx)
+        trainer = self.trainer
+        if self.augment and trainer is not None and trainer.training and "is_reg" in batch:
+            batch = augment_batch(batch, self.mask_downsample)
+        return batch
 
     def eval_dataset(self, task_id: int) -> Dataset:
         return self._eval[task_id]

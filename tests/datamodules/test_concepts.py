@@ -6,10 +6,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from cli.errors import ConfigError
-from datamodules.concepts import ConceptDataModule, ConceptStream, augment_target, write_embedded_concepts
+from datamodules.concepts import (
+    ConceptDataModule,
+    ConceptStream,
+    augment_batch,
+    augment_target,
+    write_embedded_concepts,
+)
 
 R, D = 64, 8  # training resolution and latent downsampling of the tests
 
@@ -88,7 +94,7 @@ def test_train_items_reg_half_then_targets(concepts):
         assert len(ds) == 2 * n_reg
         for i in range(len(ds)):
             item = ds[i]
-            assert set(item) == {"pixels", "mask", "caption", "is_reg", "task"}
+            assert set(item) == {"pixels", "mask", "caption", "line", "is_reg", "task"}
             assert item["pixels"].shape == (3, R, R) and item["pixels"].dtype == torch.float32
             assert -1.0 <= item["pixels"].min() and item["pixels"].max() <= 1.0
             assert item["mask"].shape == (1, R // D, R // D) and item["mask"].dtype == torch.float32
@@ -168,7 +174,8 @@ def test_small_scale_items_have_far_away_captions_and_masks(concepts):
     ds = dm.train_dataset(0)
     torch.manual_seed(1)
     for _ in range(200):
-        item = ds[5]
+        batch = augment_batch(default_collate([ds[5]]), D)  # what the datamodule does after transfer
+        item = {k: v[0] for k, v in batch.items()}
         if "far away" in item["caption"] or "very small" in item["caption"]:
             assert item["caption"].split("<new1>")[0] in ("photo of a far away ", "photo of a very small ")
             assert item["mask"].sum() < (R // D) ** 2  # may be empty at 64 px

@@ -125,10 +125,10 @@ def load_stable_diffusion(pretrained_model_name_or_path: str, seed: int = 0) -> 
     if pretrained_model_name_or_path == TINY:
         return tiny_stable_diffusion(seed)
     path = pretrained_model_name_or_path
-    missing = [s for s in SUBFOLDERS if not os.path.isdir(os.path.join(path, s))]
+    missing = [s + "/" for s in SUBFOLDERS if not os.path.isdir(os.path.join(path, s))]
     if missing:
         raise ConfigError(
-            f"model.pretrained_model_name_or_path: {path!r} is not a diffusers folder (missing {', '.join(missing)}/); "
+            f"model.pretrained_model_name_or_path: {path!r} is not a diffusers folder (missing {', '.join(missing)}); "
             f"pass a local Stable Diffusion folder (e.g. a saved stable-diffusion-v1-5) or 'tiny'"
         )
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel

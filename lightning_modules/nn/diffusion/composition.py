@@ -58,7 +58,9 @@ class RegionalCrossAttention:
         probs = attn.get_attention_scores(query, key, None)
         return attn.batch_to_head_dim(torch.bmm(probs, value))
 
-    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states=None, attention_mask=None, **kwargs) -> Tensor:
+    def __call__(
+        self, attn, hidden_states: Tensor, encoder_hidden_states=None, attention_mask=None, **kwargs
+    ) -> Tensor:
         if hidden_states.dim() != 3 or attn.residual_connection or attn.group_norm is not None:
             raise ValueError("regional cross-attention supports the UNet's transformer attn2 layers only")
         query = attn.head_to_batch_dim(attn.to_q(hidden_states))

@@ -23,7 +23,8 @@ class ConceptTokenEmbedding(nn.Module):
         self.base_vocab = base.num_embeddings
         self.base.requires_grad_(False)
         init = base.weight.detach()[init_token_id]
-        self.rows = nn.ParameterList([nn.Parameter(init.clone()) for _ in range(num_tokens)])
+        # frozen until their task starts (the expert-freezing callback turns the current one on)
+        self.rows = nn.ParameterList([nn.Parameter(init.clone(), requires_grad=False) for _ in range(num_tokens)])
 
     @property
     def weight(self) -> Tensor:

@@ -1,0 +1,228 @@
+"""The text-to-image family end to end on the tiny preset and the embedded concepts: fit, the metric
+matrix, delta-only checkpoints, resume, export and reload, sampling, composition and make-reg."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from cli.diffusion import build, export, load_weights, make_reg, sample  # noqa: E402
+from tests.conftest import config, read_reports  # noqa: E402
+
+R2MOE = "diffusion/r2moe_concepts_tiny.yaml"
+FAST = (
+    "--task_switch.steps_per_task",
+    "3",
+    "--model.init_args.eval_samples_per_prompt",
+    "1",
+    "--model.init_args.eval_inference_steps",
+    "2",
+    "--data.init_args.max_eval_prompts",
+    "1",
+)
+TWO = ("--data.init_args.concepts", "[cat, cup]")
+
+
+@pytest.fixture(scope="module")
+def r2moe_run(tmp_path_factory):
+    """One short R2MoE fit over the three embedded concepts, shared by the tests that read it."""
+    from cli.main import LifelongCLI
+    from tests.conftest import fit_args
+
+    root = tmp_path_factory.mktemp("r2moe")
+    cli = LifelongCLI(args=fit_args(R2MOE, root, *FAST))
+    return cli, root
+
+
+def test_r2moe_fit_fills_the_concept_matrix(r2moe_run):
+    cli, root = r2moe_run
+    (report,) = read_reports(root)
+    assert report["metric"] == "clip_i" and report["tasks"] == ["cat", "cup", "rocket"]
+    assert set(report["metrics"]) == {"clip_i", "clip_t"}
+    assert all(v is not None for row in report["matrix"] for v in row)
+    assert report["summary"]["forgetting"] is not None
+    model = cli.model
+    assert model.finished_tasks() == 3 and all(0 <= k <= 12 for k in model.kept_experts.tolist())
+    # old concepts' rows of the routing-distillation memory are their gate prompts' router inputs
+    torch.testing.assert_close(model.gate_memory[0], model.gate_input([model.stream.gate_prompts[0]]))
+
+
+def test_only_the_last_concepts_parameters_train_at_the_end(r2moe_run):
+    model = r2moe_run[0].model
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in model.task_parameters(2)}
+    assert not any(p.requires_grad for p in model.parts.unet.conv_in.parameters())
+
+
+def test_checkpoint_holds_the_delta_only(r2moe_run):
+    _, root = r2moe_run
+    checkpoint = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    keys = checkpoint["state_dict"].keys()
+    assert keys and all(
+        ".lora_" in k
+        or ".route." in k
+        or ".alive" in k
+        or "concept_tokens.rows" in k
+        or k in ("gate_memory", "kept_experts")
+        for k in keys
+    )
+    assert sum(v.numel() for v in checkpoint["state_dict"].values()) < 40_000  # the tiny UNet alone: 1.4 M
+
+
+def test_exported_delta_reloads_to_identical_outputs(r2moe_run, tmp_path, capsys):
+    _, root = r2moe_run
+    ckpt, delta = str(root / "checkpoints" / "last.ckpt"), str(tmp_path / "delta.safetensors")
+    export(["-c", config("trainer/cpu.yaml"), "-c", config(R2MOE), "--ckpt_path", ckpt, "--out", delta])
+    assert "wrote" in capsys.readouterr().out
+    from safetensors import safe_open
+
+    with safe_open(delta, "pt") as f:
+        assert json.loads(f.metadata()["concepts"]) == ["cat", "cup", "rocket"]
+        names = list(f.keys())
+    assert not any("base_layer" in n or "conv" in n for n in names)
+    from_ckpt, _ = build([config(R2MOE)])
+    load_weights(from_ckpt, ckpt, None)
+    from_delta, _ = build([config(R2MOE)])
+    load_weights(from_delta, None, delta)
+    for k in range(3):
+        gate = [from_ckpt.stream.gate_prompts[k]]
+        a = from_ckpt.generate(["a <new1> cat on a beach"], gate, seed=3, num_inference_steps=2)
+        b = from_delta.generate(["a <new1> cat on a beach"], gate, seed=3, num_inference_steps=2)
+        assert torch.equal(a, b)
+    dead = (from_delta.kept_experts < 12).any()
+    if dead:  # removed experts are not stored, and reload as zeros
+        layer = next(la for la in from_delta.experts.layers if not bool(la.alive[1:].all()))
+        t = int((~layer.alive[1:]).nonzero()[0])
+        assert torch.all(layer.lora_up[t] == 0) and torch.all(layer.lora_down[t] == 0)
+
+
+def test_sample_and_compose_write_pngs(r2moe_run, tmp_path):
+    from PIL import Image
+
+    _, root = r2moe_run
+    ckpt = str(root / "checkpoints" / "last.ckpt")
+    common = ["-c", config(R2MOE), "--ckpt_path", ckpt, "--num_images", "2", "--steps", "2"]
+    sample([*common, "--prompt", "{} on a beach", "--concept", "cup", "--out", str(tmp_path / "one")])
+    pngs = sorted((tmp_path / "one").glob("*.png"))
+    assert len(pngs) == 2 and Image.open(pngs[0]).size == (64, 64)
+    for i, box in enumerate(((0, 32), (32, 64))):
+        mask = torch.zeros(64, 64, dtype=torch.uint8)
+        mask[:, box[0] : box[1]] = 255
+        Image.fromarray(mask.numpy()).save(tmp_path / f"m{i}.png")
+    sample(
+        [
+            *common,
+            "--concept",
+            "cat",
+            "--concept",
+            "cup",
+            "--prompt",
+            "{} on the left",
+            "--prompt",
+            "{} on the right",
+            "--mask",
+            str(tmp_path / "m0.png"),
+            "--mask",
+            str(tmp_path / "m1.png"),
+            "--background",
+            "a kitchen",
+            "--out",
+            str(tmp_path / "two"),
+        ]
+    )
+    assert len(list((tmp_path / "two").glob("composition_*.png"))) == 2
+
+
+def test_sample_errors_are_one_line(r2moe_run, tmp_path, capsys):
+    _, root = r2moe_run
+    with pytest.raises(SystemExit):
+        sample(
+            [
+                "-c",
+                config(R2MOE),
+                "--prompt",
+                "x",
+                "--out",
+                str(tmp_path),
+                "--concept",
+                "dog",
+                "--ckpt_path",
+                str(root / "checkpoints" / "last.ckpt"),
+            ]
+        )
+    assert capsys.readouterr().err.strip() == "lifelong: error: --concept 'dog' is not one of ['cat', 'cup', 'rocket']"
+    with pytest.raises(SystemExit):
+        sample(["-c", config(R2MOE), "--prompt", "x", "--out", str(tmp_path), "--delta", str(tmp_path / "no.st")])
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_r2moe_resumes_to_the_uninterrupted_delta(run_fit, tmp_path):
+    run_fit(R2MOE, tmp_path / "full", *FAST, *TWO)
+    run_fit(R2MOE, tmp_path / "cut", *FAST, *TWO, "--task_switch.stop_after_task", "1")
+    resumed = run_fit(R2MOE, tmp_path / "cut", *FAST, *TWO, "--ckpt_path", "last")
+    full = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    for k, v in resumed.model.delta_state_dict().items():
+        torch.testing.assert_close(v, full["state_dict"][k], rtol=0, atol=1e-6, msg=k)
+    a, b = read_reports(tmp_path / "full")[-1], read_reports(tmp_path / "cut")[-1]
+    for row_a, row_b in zip(a["matrix"], b["matrix"], strict=True):
+        assert row_a == pytest.approx(row_b, abs=1e-4)
+
+
+def test_routing_distillation_keeps_the_first_concepts_routing(run_fit, tmp_path):
+    """After learning concept 2, concept 1's gate prompt is routed as before up to the distillation
+    slack sum ||u_1 R_2||: with the distillation term that slack is far smaller than without it."""
+    fast_router = ("--model.init_args.router_lr", "0.05", "--task_switch.steps_per_task", "6")
+    slack = {}
+    for weight in ("0.0", "10.0"):
+        cli = run_fit(
+            R2MOE, tmp_path / weight, *FAST, *TWO, *fast_router, "--model.init_args.distillation_weight", weight
+        )
+        model = cli.model
+        u = model.gate_memory[:1]
+        slack[weight] = float(model.experts.routing_distillation(u, 1))
+        before = model.experts.layers[0].gates(u[0], 0, training=False)
+        assert before[0] == [0, 1]
+    assert slack["0.0"] > 0 and slack["10.0"] < 0.5 * slack["0.0"]
+
+
+@pytest.mark.parametrize("method", ["custom_diffusion", "sequential_lora"])
+def test_baselines_train_only_their_weights(run_fit, tmp_path, method):
+    cli = run_fit(f"diffusion/{method}_concepts_tiny.yaml", tmp_path, *FAST, *TWO)
+    model = cli.model
+    (report,) = read_reports(tmp_path)
+    assert all(v is not None for row in report["matrix"] for v in row)
+    delta = model.delta_state_dict()
+    fresh, _ = build([config(f"diffusion/{method}_concepts_tiny.yaml")], list(TWO))
+    moved = [k for k, v in delta.items() if not torch.equal(v, fresh.state_dict()[k])]
+    assert moved and all(k in delta for k in moved)
+    frozen = "parts.unet.conv_in.weight"
+    assert torch.equal(model.state_dict()[frozen], fresh.state_dict()[frozen])
+    if method == "custom_diffusion":
+        assert sum(".attn2.to_k" in k or ".attn2.to_v" in k for k in moved) == 12
+    else:
+        assert any(".lora_B." in k for k in moved)
+
+
+def test_make_reg_writes_images_per_class(tmp_path):
+    from datamodules.concepts import write_embedded_concepts
+
+    root = write_embedded_concepts(tmp_path / "concepts")
+    args = [
+        "-c",
+        config(R2MOE),
+        "--set=--data.init_args.root",
+        f"--set={root}",
+        "--set=--data.init_args.reg_root",
+        f"--set={tmp_path / 'reg'}",
+        "--num_images",
+        "2",
+        "--steps",
+        "2",
+    ]
+    make_reg(args)
+    for cls in ("cat", "cup", "rocket"):
+        assert len(list((tmp_path / "reg" / cls).glob("*.png"))) == 2

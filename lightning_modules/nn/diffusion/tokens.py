@@ -46,15 +46,16 @@ def add_concept_tokens(
 ) -> ConceptTokenEmbedding:
     """Adds `tokens` to the tokenizer (ids must follow the base vocabulary) and swaps the text encoder's
     token embedding for a `ConceptTokenEmbedding`; returns it."""
+    known = {**tokenizer.get_vocab(), **tokenizer.get_added_vocab()}
+    clash = [t for t in tokens if t in known]
+    if clash:
+        raise ValueError(f"concept tokens {clash} are already in the vocabulary: choose other token names")
     embeddings = text_encoder.get_input_embeddings()
     base_vocab = embeddings.num_embeddings
     if len(tokenizer) != base_vocab:
         raise ValueError(
             f"tokenizer has {len(tokenizer)} tokens but the text encoder {base_vocab}: not a matching pair"
         )
-    clash = [t for t in tokens if t in tokenizer.get_vocab()]
-    if clash:
-        raise ValueError(f"concept tokens {clash} are already in the vocabulary: choose other token names")
     tokenizer.add_tokens(list(tokens))
     ids = tokenizer.convert_tokens_to_ids(list(tokens))
     if ids != list(range(base_vocab, base_vocab + len(tokens))):

@@ -80,6 +80,13 @@ class ConceptDiffusionModule(ContinualModule):
         self.log_images = log_images
         self.strict_loading = False  # checkpoints hold the delta only
 
+    def setup(self, stage: str) -> None:
+        if self.trainer.world_size > 1:
+            raise ConfigError(
+                "trainer.devices: the text-to-image methods train on one device for now (R2MoE routes per batch, "
+                "as in the paper); use devices: 1"
+            )
+
     # -- what belongs to whom -----------------------------------------------------------------
     def task_parameters(self, task_id: int) -> list[nn.Parameter]:
         """Parameters that belong to task `task_id` (the expert-freezing callback trains only the current

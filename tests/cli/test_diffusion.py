@@ -34,7 +34,7 @@ def r2moe_run(tmp_path_factory):
     from tests.conftest import fit_args
 
     root = tmp_path_factory.mktemp("r2moe")
-    cli = LifelongCLI(args=fit_args(R2MOE, root, *FAST))
+    cli = LifelongCLI(args=fit_args(R2MOE, root, *FAST, "--trainer.log_every_n_steps", "1"))
     return cli, root
 
 
@@ -47,6 +47,12 @@ def test_r2moe_fit_fills_the_concept_matrix(r2moe_run):
     assert report["summary"]["forgetting"] is not None
     model = cli.model
     assert model.finished_tasks() == 3 and all(0 <= k <= 12 for k in model.kept_experts.tolist())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = list(root.glob("lightning_logs/version_0/events.*"))
+    tags = EventAccumulator(str(events)).Reload().Tags()
+    assert {"samples/cat", "samples/cup", "samples/rocket"} <= set(tags["images"])
+    assert "train/routing_distillation" in tags["scalars"] and "eval/clip_i/task_0" in tags["scalars"]
     # old concepts' rows of the routing-distillation memory are their gate prompts' router inputs
     torch.testing.assert_close(model.gate_memory[0], model.gate_input([model.stream.gate_prompts[0]]))
 

@@ -151,6 +151,17 @@ class ConceptDiffusionModule(ContinualModule):
         return {}
 
     # -- training -----------------------------------------------------------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # The training routing holds from the forward through the backward pass: gradient checkpointing
+        # recomputes the UNet's forward during backward and must route it the same way.
+        self._routing = self.train_routing()
+        self._routing.__enter__()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        routing = self.__dict__.pop("_routing", None)
+        if routing is not None:
+            routing.__exit__(None, None, None)
+
     def encode_prompts(self, prompts: list[str]) -> Tensor:
         return self.parts.encode_text(list(prompts))
 
@@ -160,8 +171,7 @@ class ConceptDiffusionModule(ContinualModule):
             latents = parts.encode_images(batch["pixels"])
         noisy, noise, timesteps = add_noise(parts.noise_scheduler, latents)
         context = self.encode_prompts(batch["caption"])
-        with self.train_routing():
-            prediction = parts.unet(noisy, timesteps, context).sample
+        prediction = parts.unet(noisy, timesteps, context).sample  # routed by `train_routing` (batch hooks)
         target = diffusion_target(parts.noise_scheduler, latents, noise, timesteps)
         terms = {"diffusion": masked_mse(prediction, target, batch.get("mask")), **self.extra_losses(context)}
         loss = sum(terms.values())

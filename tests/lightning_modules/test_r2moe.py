@@ -179,3 +179,30 @@ def test_expert_bank_rejects_a_unet_without_cross_attention():
 
     with pytest.raises(ValueError, match="no cross-attention"):
         ExpertBank(NoAttention(), 2)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """The routing holds through backward, where checkpointing recomputes the UNet's forward."""
+    from callbacks import ExpertFreezing
+
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        m = R2MoE(stream(2), gradient_checkpointing=checkpointing)
+        ExpertFreezing.apply(m, 0)
+        m.train()
+        g = torch.Generator().manual_seed(0)
+        batch = {
+            "pixels": torch.rand(2, 3, 64, 64, generator=g) * 2 - 1,
+            "mask": torch.ones(2, 1, 32, 32),
+            "caption": ["photo of a <new1> cat", "photo of a cat"],
+        }
+        m.on_train_batch_start(batch, 0)
+        torch.manual_seed(1)
+        m.training_step(batch, 0).backward()
+        m.on_train_batch_end(None, batch, 0)
+        assert m.experts.context.mode == "off"
+        grads.append([p.grad for p in m.task_parameters(0)])
+    assert any(g.abs().sum() > 0 for g in grads[0])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)

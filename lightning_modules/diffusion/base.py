@@ -194,7 +194,6 @@ class ConceptDiffusionModule(ContinualModule):
         resolution: int | None = None,
     ) -> Tensor:
         """Images (B x 3 x H x W in [0, 1]) for `prompts`; `gate_prompts` name the concept(s) to route to."""
-        from lightning_modules.nn.diffusion.sampling import ddim_sample
 
         parts = self.parts
         size = (resolution or self.stream.resolution) // parts.vae_scale_factor
@@ -206,18 +205,24 @@ class ConceptDiffusionModule(ContinualModule):
             with routing:
                 return parts.unet(latents, t, context).sample
 
+        return self._sample(denoise, cond, uncond, size, seed, num_inference_steps, guidance_scale, eta)
+
+    def _sample(self, denoise, cond, uncond, size, seed, num_inference_steps, guidance_scale, eta) -> Tensor:
+        """DDIM with CFG from seeded noise, decoded; unset settings take the evaluation's."""
+        from lightning_modules.nn.diffusion.sampling import ddim_sample
+
         latents = ddim_sample(
             denoise,
             cond,
             uncond,
-            (parts.unet.config.in_channels, size, size),
-            parts.noise_scheduler,
+            (self.parts.unet.config.in_channels, size, size),
+            self.parts.noise_scheduler,
             num_inference_steps or self.eval_inference_steps,
             self.eval_guidance_scale if guidance_scale is None else guidance_scale,
             self.eval_eta if eta is None else eta,
             torch.Generator().manual_seed(seed),
         )
-        return parts.decode_latents(latents)
+        return self.parts.decode_latents(latents)
 
     @torch.no_grad()
     def compose(
@@ -236,7 +241,6 @@ class ConceptDiffusionModule(ContinualModule):
         gate_prompts[i], inside masks[i] (K x 1 x h x w at latent size); the background prompt elsewhere.
         The coarse layers read the full prompt (the regions and the background joined)."""
         from lightning_modules.nn.diffusion.composition import Region, RegionalCrossAttention, regional_attention
-        from lightning_modules.nn.diffusion.sampling import ddim_sample
 
         parts, b = self.parts, num_images
         uncond = self.encode_prompts([""]).expand(b, -1, -1)
@@ -260,19 +264,11 @@ class ConceptDiffusionModule(ContinualModule):
         def denoise(latents: Tensor, t: Tensor, context: Tensor) -> Tensor:
             return parts.unet(latents, t, context).sample
 
+        cond = self.encode_prompts([full_prompt]).expand(b, -1, -1)
         with regional_attention(parts.unet, processor):
-            latents = ddim_sample(
-                denoise,
-                self.encode_prompts([full_prompt]).expand(b, -1, -1),
-                self.encode_prompts([""]),
-                (parts.unet.config.in_channels, size, size),
-                parts.noise_scheduler,
-                num_inference_steps or self.eval_inference_steps,
-                self.eval_guidance_scale if guidance_scale is None else guidance_scale,
-                self.eval_eta if eta is None else eta,
-                torch.Generator().manual_seed(seed),
+            return self._sample(
+                denoise, cond, self.encode_prompts([""]), size, seed, num_inference_steps, guidance_scale, eta
             )
-        return parts.decode_latents(latents)
 
     def eval_step(self, batch: dict[str, Any], task_id: int) -> dict[str, Tensor]:
         """Per generated image: CLIP-I (primary) against the concept's real images, CLIP-T against the

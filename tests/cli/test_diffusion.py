@@ -232,3 +232,20 @@ def test_make_reg_writes_images_per_class(tmp_path):
     make_reg(args)
     for cls in ("cat", "cup", "rocket"):
         assert len(list((tmp_path / "reg" / cls).glob("*.png"))) == 2
+
+
+def test_real_configs_name_what_is_missing_in_one_line(capsys):
+    from cli.main import main
+
+    sd15 = ["fit", "-c", config("diffusion/r2moe_customconcept101_sd15.yaml"), "--trainer.accelerator", "cpu"]
+    with pytest.raises(SystemExit):
+        main(sd15)
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "lifelong: error: data.root: data/customconcept101 not found; point it at a folder of <concept>/ image folders"
+    )
+    with pytest.raises(SystemExit):
+        main([*sd15, "--data.init_args.root", "null", "--data.init_args.concepts", "null"])
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith(
+        "lifelong: error: model.pretrained_model_name_or_path: 'models/stable-diffusion-v1-5' is not"
+    )

@@ -145,7 +145,7 @@ class R2MoE(ConceptDiffusionModule):
             u = self.gate_input([self.stream.gate_prompts[task_id]])
             keep = self.experts.remove_redundant(u, task_id, self.removal_threshold)
             self.kept_experts[task_id] = sum(keep)
-            self.gate_memory[task_id] = self.gate_input([self.stream.gate_prompts[task_id]])
+            self.gate_memory[task_id] = u  # cached once: the prompt's router input, for later tasks' L_g
         if self._trainer is not None and self.logger is not None:
             self.logger.log_metrics(
                 {"task/kept_experts": sum(keep), "task/removed_experts": len(keep) - sum(keep)}, task_id

@@ -40,7 +40,7 @@ COLUMNS = [
 
 
 def run(method: str, seed: int) -> dict:
-    from cli.main import LifelongCLI
+    from cli.main import QUIET, LifelongCLI
 
     with tempfile.TemporaryDirectory() as root:
         start = time.perf_counter()
@@ -52,9 +52,7 @@ def run(method: str, seed: int) -> dict:
                 "-c",
                 str(ROOT / f"configs/classification/{method}_splitdigits.yaml"),
                 f"--seed_everything={seed}",
-                "--trainer.enable_progress_bar=false",
-                "--trainer.enable_model_summary=false",
-                "--continual_metrics.print_tables=false",
+                *QUIET,
                 f"--trainer.default_root_dir={root}",
             ]
         )

@@ -88,7 +88,7 @@ def tiny_run(steps_per_task: int | None, root: str) -> dict:
     """Trains R2MoE on the tiny preset through the CLI; returns what redundancy removal kept."""
     import safetensors.torch
 
-    from cli.main import LifelongCLI
+    from cli.main import QUIET, LifelongCLI
 
     args = [
         "fit",
@@ -96,12 +96,7 @@ def tiny_run(steps_per_task: int | None, root: str) -> dict:
         str(ROOT / "configs/trainer/cpu.yaml"),
         "-c",
         str(ROOT / "configs/diffusion/r2moe_concepts_tiny.yaml"),
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
-        "--continual_metrics.print_tables",
-        "false",
+        *QUIET,
         "--trainer.default_root_dir",
         root,
         *(["--task_switch.steps_per_task", str(steps_per_task)] if steps_per_task else []),

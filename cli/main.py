@@ -41,6 +41,15 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch"):
     logging.getLogger(_name).addFilter(_NoTips())
 
 
+#: arguments that keep a run's terminal quiet (no progress bar, model summary or metric tables), for
+#: runs started from code: tests and benchmarks
+QUIET = (
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--continual_metrics.print_tables=false",
+)
+
+
 class LifelongCLI(LightningCLI):
     """LightningCLI with the task stream linked from data to model and the continual callbacks built in."""
 

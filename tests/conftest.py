@@ -9,15 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from cli.main import QUIET
+
 ROOT = Path(__file__).resolve().parent.parent
-QUIET = [
-    "--trainer.enable_progress_bar",
-    "false",
-    "--trainer.enable_model_summary",
-    "false",
-    "--continual_metrics.print_tables",
-    "false",
-]
 
 
 def config(name: str) -> str:

@@ -27,12 +27,11 @@ def _fail(message: str) -> None:
 
 
 def _parser(description: str):
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(description=description, exit_on_error=False)
     parser.add_argument("-c", "--config", action="append", required=True, help="the experiment's YAML (repeatable)")
     parser.add_argument("--set", action="append", default=[], help="extra CLI overrides, e.g. --set=--data.root=x")
-    parser.add_argument("--options", action=ActionConfigFile)
     return parser
 
 
@@ -201,12 +200,9 @@ def make_reg(argv: list[str]) -> None:
         _fail("data.root is not set: make-reg writes next to a concepts folder (the embedded concepts ship theirs)")
     model.eval()
     stream = model.stream
-    done = set()
-    for k, cls in enumerate(stream.classes):
-        if cls in done:
-            continue
-        done.add(cls)
-        folder = datamodule.regularisation_folders()[cls]
+    folders = datamodule.regularisation_folders()
+    for cls, folder in folders.items():
+        k = stream.classes.index(cls)  # the first concept of the class: its untrained token
         folder.mkdir(parents=True, exist_ok=True)
         start = len(list(folder.glob("*.png")))
         prompt = f"{stream.tokens[k]} {cls}"

@@ -75,6 +75,7 @@ class _Concept:
     captions: list[str]
     prompts: list[str]
     reg: list[Path]
+    reg_dir: Path  # where its class's regularisation images are (or `lifelong make-reg` writes them)
 
 
 # -- reading --------------------------------------------------------------------------------------------
@@ -359,23 +360,22 @@ class ConceptDataModule(ContinualDataModule):
         prompts = [_TOKEN.sub(token, p).replace("{}", f"{token} {cls}") for p in prompts]
         if self.max_eval_prompts is not None:
             prompts = prompts[: self.max_eval_prompts]
+        found = [d for d in (reg_root / cls, reg_root / cls.replace(" ", "_")) if d.is_dir()]
+        reg_dir = found[0] if found else reg_root / cls.replace(" ", "_")
         reg: list[Path] = []
         if self.prior_preservation:
-            found = [d for d in (reg_root / cls, reg_root / cls.replace(" ", "_")) if d.is_dir()]
-            reg = _images_in(found[0]) if found else []
+            reg = _images_in(reg_dir) if found else []
             if not reg:
                 raise ConfigError(
-                    f"{reg_root / cls.replace(' ', '_')}: no regularisation images of class '{cls}'; generate them "
+                    f"{reg_dir}: no regularisation images of class '{cls}'; generate them "
                     "with `lifelong make-reg -c <config>` or set data.prior_preservation false"
                 )
             reg = reg[: self.num_reg_images]
-        return _Concept(name, token, cls, images, captions, prompts, reg)
+        return _Concept(name, token, cls, images, captions, prompts, reg, reg_dir)
 
     def regularisation_folders(self) -> dict[str, Path]:
         """class word -> the folder its regularisation images go to (what `lifelong make-reg` fills)."""
-        root = self.root if self.root is not None else Path(".")
-        reg_root = self.reg_root if self.reg_root is not None else root / "reg"
-        return {c.cls: reg_root / c.cls.replace(" ", "_") for c in self._catalog()}
+        return {c.cls: c.reg_dir for c in self._catalog()}
 
     # -- the stream ------------------------------------------------------------------------------------
     @property

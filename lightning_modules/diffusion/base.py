@@ -66,7 +66,6 @@ class ConceptDiffusionModule(ContinualModule):
         self.concept_tokens = add_concept_tokens(
             self.parts.tokenizer, self.parts.text_encoder, list(stream.tokens), init_token_id
         )
-        self.concept_tokens.rows.requires_grad_(False)
         if gradient_checkpointing:
             self.parts.unet.enable_gradient_checkpointing()
         self.clip = ClipScorer(clip_model, clip_arch)
@@ -105,9 +104,13 @@ class ConceptDiffusionModule(ContinualModule):
     def delta_state_dict(self) -> dict[str, Tensor]:
         return {k: v for k, v in self.state_dict().items() if self.is_delta(k)}
 
+    def missing_delta(self, state: dict[str, Tensor]) -> set[str]:
+        """Entries of this method's delta that `state` lacks."""
+        return set(self.delta_state_dict()) - set(state)
+
     def load_delta(self, delta: dict[str, Tensor]) -> None:
         """Loads an exported delta (or a checkpoint's state dict) into the freshly built model."""
-        missing = set(self.delta_state_dict()) - set(delta)
+        missing = self.missing_delta(delta)
         unexpected = {k for k in delta if not self.is_delta(k) or k not in self.state_dict()}
         if missing or unexpected:
             raise ConfigError(
@@ -122,7 +125,7 @@ class ConceptDiffusionModule(ContinualModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        missing = set(self.delta_state_dict()) - set(checkpoint["state_dict"])
+        missing = self.missing_delta(checkpoint["state_dict"])
         if missing:
             raise ConfigError(
                 f"the checkpoint lacks {len(missing)} of this method's entries (e.g. {sorted(missing)[0]}): "
@@ -194,7 +197,6 @@ class ConceptDiffusionModule(ContinualModule):
         resolution: int | None = None,
     ) -> Tensor:
         """Images (B x 3 x H x W in [0, 1]) for `prompts`; `gate_prompts` name the concept(s) to route to."""
-
         parts = self.parts
         size = (resolution or self.stream.resolution) // parts.vae_scale_factor
         cond = self.encode_prompts(prompts)
@@ -243,10 +245,10 @@ class ConceptDiffusionModule(ContinualModule):
         from lightning_modules.nn.diffusion.composition import Region, RegionalCrossAttention, regional_attention
 
         parts, b = self.parts, num_images
-        uncond = self.encode_prompts([""]).expand(b, -1, -1)
+        uncond = self.encode_prompts([""])
 
         def cfg_context(prompt: str) -> Tensor:
-            return torch.cat([uncond, self.encode_prompts([prompt]).expand(b, -1, -1)])
+            return torch.cat([uncond.expand(b, -1, -1), self.encode_prompts([prompt]).expand(b, -1, -1)])
 
         full_prompt = ", ".join([*region_prompts, background] if background else region_prompts)
         regions = [
@@ -266,9 +268,7 @@ class ConceptDiffusionModule(ContinualModule):
 
         cond = self.encode_prompts([full_prompt]).expand(b, -1, -1)
         with regional_attention(parts.unet, processor):
-            return self._sample(
-                denoise, cond, self.encode_prompts([""]), size, seed, num_inference_steps, guidance_scale, eta
-            )
+            return self._sample(denoise, cond, uncond, size, seed, num_inference_steps, guidance_scale, eta)
 
     def eval_step(self, batch: dict[str, Any], task_id: int) -> dict[str, Tensor]:
         """Per generated image: CLIP-I (primary) against the concept's real images, CLIP-T against the

@@ -99,12 +99,11 @@ class R2MoE(ConceptDiffusionModule):
         super().load_delta(delta)
 
     def _dead_expert_keys(self) -> set[str]:
-        prefix = {id(m): n for n, m in self.named_modules()}
         dead = set()
-        for layer in self.experts.layers:
+        for name, layer in zip(self.experts.names, self.experts.layers, strict=True):
             for t in range(self.num_tasks):
                 if not bool(layer.alive[t + 1]):
-                    dead |= {f"{prefix[id(layer)]}.lora_down.{t}", f"{prefix[id(layer)]}.lora_up.{t}"}
+                    dead |= {f"parts.unet.{name}.lora_down.{t}", f"parts.unet.{name}.lora_up.{t}"}
         return dead
 
     # -- routing ------------------------------------------------------------------------------

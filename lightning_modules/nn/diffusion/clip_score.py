@@ -60,17 +60,9 @@ def tiny_clip_config():
     """A small random CLIP with OpenAI CLIP's vocabulary and 77-token context, 32-pixel images."""
     from transformers import CLIPConfig
 
-    text = dict(
-        vocab_size=49408,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=CONTEXT_LENGTH,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
+    from lightning_modules.nn.diffusion.tokenizer import CLIP_TEXT_VOCAB
+
+    text = dict(**CLIP_TEXT_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     vision = dict(
         image_size=32,
         patch_size=8,

@@ -79,7 +79,7 @@ def tiny_stable_diffusion(seed: int = 0) -> StableDiffusionParts:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from lightning_modules.nn.diffusion.tokenizer import clip_tokenizer
+    from lightning_modules.nn.diffusion.tokenizer import CLIP_TEXT_VOCAB, clip_tokenizer
 
     tokenizer = clip_tokenizer()
     with torch.random.fork_rng(devices=[]):
@@ -105,15 +105,11 @@ def tiny_stable_diffusion(seed: int = 0) -> StableDiffusionParts:
         )
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
-                vocab_size=len(tokenizer),
+                **CLIP_TEXT_VOCAB,
                 hidden_size=32,
                 intermediate_size=37,
                 num_attention_heads=4,
                 num_hidden_layers=5,
-                max_position_embeddings=77,
-                bos_token_id=49406,
-                eos_token_id=49407,
-                pad_token_id=49407,
                 initializer_range=0.5,
             )
         )

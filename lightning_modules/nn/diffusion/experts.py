@@ -194,9 +194,6 @@ class ExpertBank(nn.Module):
                 layer.remove_expert(task_id)
         return keep
 
-    def alive_experts(self, task_id: int) -> int:
-        return sum(int(layer.alive[task_id + 1]) for layer in self.layers)
-
 
 class _Routing:
     def __init__(self, context: GateContext, new: GateContext):

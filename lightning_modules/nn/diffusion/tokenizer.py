@@ -16,6 +16,11 @@ from cli.errors import ConfigError
 # then <|startoftext|> and <|endoftext|> (49,408 entries; OpenAI CLIP's vocabulary).
 NUM_MERGES = 49152 - 256 - 2
 
+#: what a CLIP text model needs to match this tokenizer (the tiny presets' text towers use it)
+CLIP_TEXT_VOCAB = dict(
+    vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407
+)
+
 
 def _bpe_file() -> str:
     spec = importlib.util.find_spec("open_clip")

@@ -26,11 +26,6 @@ class ConceptTokenEmbedding(nn.Module):
         # frozen until their task starts (the expert-freezing callback turns the current one on)
         self.rows = nn.ParameterList([nn.Parameter(init.clone(), requires_grad=False) for _ in range(num_tokens)])
 
-    @property
-    def weight(self) -> Tensor:
-        """The whole table (frozen rows and concept rows), for code that reads `embedding.weight`."""
-        return torch.cat([self.base.weight, torch.stack(list(self.rows))])
-
     def forward(self, ids: Tensor) -> Tensor:
         out = self.base(ids.clamp(max=self.base_vocab - 1))
         is_new = ids >= self.base_vocab

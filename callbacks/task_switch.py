@@ -1,7 +1,8 @@
 """`TaskSwitch` owns the task clock: one `trainer.fit` runs the whole stream.
 
 A task spans `epochs_per_task` epochs, or exactly `steps_per_task` optimizer steps (then one epoch
-is one task). At a boundary, at the end of the task's last epoch: the module's `on_task_end(t)`, the
+is one task). At a boundary, at the end of the task's last epoch: the continual callbacks'
+`on_task_training_end(t)` (e.g. the best weights of the task put back), the module's `on_task_end(t)`, the
 continual callbacks' `on_task_end(t)` (evaluation), `datamodule.set_task(t+1)`, the module's
 `on_task_start(t+1)`, the callbacks' `on_task_start(t+1)`, then the optimizer and LR scheduler are
 rebuilt from `configure_optimizers` for the parameters that train now (Mammoth re-creates the
@@ -86,8 +87,11 @@ class TaskSwitch(L.Callback):
             return
         dm = self._stream(trainer)
         t = self.task
+        callbacks = self._continual_callbacks(trainer)
+        for cb in callbacks:
+            cb.on_task_training_end(trainer, pl_module, t)
         pl_module.on_task_end(t)
-        for cb in self._continual_callbacks(trainer):
+        for cb in callbacks:
             cb.on_task_end(trainer, pl_module, t)
         if t + 1 < dm.num_tasks:
             self.task = t + 1

@@ -111,7 +111,8 @@ class ContinualDataModule(L.LightningDataModule):
     """A stream of tasks. Subclasses provide `task_names`, `train_dataset(t)` and `eval_dataset(t)`.
 
     The task-switch callback calls `set_task(t)` at each boundary; `train_dataloader()` then serves
-    task t (or tasks 0..t with `train_on: seen`, the cumulative joint upper bound), while
+    task t (or tasks 0..t with `train_on: seen`, the cumulative joint upper bound; or every task with
+    `train_on: all`, multitask training, e.g. a robot policy's pretraining with `stop_after_task: 1`), while
     `eval_dataloaders()` always serves every task.
 
     Evaluation datasets yield model-ready inputs. Training datasets may yield raw images instead:
@@ -129,12 +130,12 @@ class ContinualDataModule(L.LightningDataModule):
         batch_size: int = 32,
         eval_batch_size: int = 256,
         num_workers: int = 0,
-        train_on: Literal["current", "seen"] = "current",
+        train_on: Literal["current", "seen", "all"] = "current",
         seed: int | None = None,
     ):
         super().__init__()
-        if train_on not in ("current", "seen"):
-            raise ConfigError(f"data.train_on: {train_on!r} is not one of 'current', 'seen'")
+        if train_on not in ("current", "seen", "all"):
+            raise ConfigError(f"data.train_on: {train_on!r} is not one of 'current', 'seen', 'all'")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
@@ -175,7 +176,7 @@ class ContinualDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         t = self.current_task
-        tasks = range(t + 1) if self.train_on == "seen" else [t]
+        tasks = {"current": [t], "seen": range(t + 1), "all": range(self.num_tasks)}[self.train_on]
         dataset = ConcatDataset([self.train_dataset(i) for i in tasks])
         rank, world = self._world()
         total = None

@@ -1,0 +1,356 @@
+"""DMPEL (Dynamic Mixture of Progressive Parameter-Efficient Expert Library, arXiv 2506.05985), after its
+released code (spec section 1).
+
+The foundation policy is frozen; its linear layers (groups img / extra / fusion / tem / head) get a pool
+of LoRA experts, one new expert per task. While task t trains, a router created for it maps the window's
+query q (instruction, mean frozen camera features, mean low-dim state; experts off) to per-group top-k
+coefficients over experts 0..t, and only expert t and router t learn, by the NLL alone:
+
+    L_BC = -mean_{b,tau} log pi(a_{b,tau} | o_{b,<=tau}, l; W0, {A_k, B_k}, R_t(q_b))
+
+At the task's end every training window's (q, R_t(q)) is stored; for t > 0 router t alone is then fitted
+to the stored coefficients of tasks 0..t (zero for experts added after a task), the coefficient replay
+
+    L_CR = mean over stored windows and the G x (t+1) entries of (R_t(q) - C*)^2,
+
+keeping the epoch of lowest mean loss. At rollout time there is no task id: the current router routes
+the mean of the episode's last `window` step queries.
+
+Deviations from the released code (deliberate): no `txt` group, since instruction embeddings are
+precomputed by a frozen encoder; every expert is its own parameter and finished ones are out of the
+optimizer, so AdamW's decay no longer shrinks them (the spec's quirk 2); all experts and routers are
+allocated up front (router t has G x (t+1) outputs and its own random initialisation) so the parameter
+set never changes under DDP, where the run needs `strategy: ddp_find_unused_parameters_true` (finished
+and future experts get no gradient); the camera features of the query come from an extra frozen pass
+of the image encoder (the released code caches the frozen ViT's first half); stored queries leave out the
+instruction part (restored from the task's embedding, as the reference stores text once per task) and
+targets are stored dense; one coefficient-dropout mask per wrapped layer, shared by its q and v slices.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import move_data_to_device
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from cli.errors import ConfigError
+from cli.runtime import run_seed
+from lightning_modules.nn.robot.experts import INIT_MODES, ExpertLibrary
+from lightning_modules.nn.robot.router import CoefficientRouter, query_dim, routing_query
+from lightning_modules.robot.base import RobotImitationModule
+
+GROUPS = ("img", "extra", "fusion", "tem", "head")
+DEFAULT_RANKS = {"img": 8, "extra": 16, "fusion": 16, "tem": 16, "head": 16}
+DEFAULT_ALPHAS = dict.fromkeys(GROUPS, 16.0)
+
+
+class CoefficientMemory(nn.Module):
+    """The replay sets of finished tasks: per task, each stored window's query without the instruction
+    part (N, Q - D) and its target coefficients (N, G, t+1). Kept on the CPU and saved in the state dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.queries: list[Tensor] = []
+        self.targets: list[Tensor] = []
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def store(self, task_id: int, queries: Tensor, targets: Tensor) -> None:
+        if task_id > len(self.queries):
+            raise RuntimeError(f"task {task_id} stored before tasks 0..{task_id - 1}")
+        del self.queries[task_id:], self.targets[task_id:]
+        self.queries.append(queries.detach().float().cpu())
+        self.targets.append(targets.detach().float().cpu())
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.queries + self.targets)
+
+    def get_extra_state(self) -> dict[str, list[Tensor]]:
+        return {"queries": list(self.queries), "targets": list(self.targets)}
+
+    def set_extra_state(self, state: dict[str, list[Tensor]]) -> None:
+        self.queries = [q.float().cpu() for q in state["queries"]]
+        self.targets = [t.float().cpu() for t in state["targets"]]
+
+
+class DMPEL(RobotImitationModule):
+    """Args (the spec's values as defaults):
+    top_k: experts kept per group (k = min(top_k, pool size)); router_hidden: width of its two hidden layers.
+    groups: the policy's layer groups that get experts (empty ones, e.g. `img` without a CLIP tower, are skipped).
+    ranks / alphas: per group, overriding {img: 8, others: 16} / 16 (scale alpha / rank).
+    merge: "weight" (mix A and B separately, the released code) or "output" (mix expert outputs).
+    coefficient_dropout: dropout on the coefficients in training (0.15).
+    expert_init: "ortho" (later experts orthogonal to earlier ones, unit norm) or "kaiming".
+    router_lr_scale: the router's learning rate relative to the optimizer's (1.0).
+    replay_epochs / replay_batch_size / replay_lr / replay_weight_decay / replay_grad_clip: the coefficient
+        replay's fit of the router (10 / 32 / AdamW's defaults 1e-3, 0.01 / 100).
+    replay_sample_ratio: share of a task's training windows stored for replay (1.0).
+    record_batch_size: batch size of the pass that records a task's coefficients.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        top_k: int = 3,
+        router_hidden: int = 256,
+        groups: tuple[str, ...] = GROUPS,
+        ranks: dict[str, int] | None = None,
+        alphas: dict[str, float] | None = None,
+        merge: Literal["weight", "output"] = "weight",
+        coefficient_dropout: float = 0.15,
+        expert_init: Literal["ortho", "kaiming"] = "ortho",
+        router_lr_scale: float = 1.0,
+        replay_epochs: int = 10,
+        replay_batch_size: int = 32,
+        replay_lr: float = 1e-3,
+        replay_weight_decay: float = 0.01,
+        replay_grad_clip: float = 100.0,
+        replay_sample_ratio: float = 1.0,
+        record_batch_size: int = 64,
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        for option, given in (("groups", groups), ("ranks", ranks or {}), ("alphas", alphas or {})):
+            unknown = sorted(set(given) - set(GROUPS))
+            if unknown:
+                raise ConfigError(f"model.{option}: unknown group(s) {unknown}; choose from {list(GROUPS)}")
+        if expert_init not in INIT_MODES:
+            raise ConfigError(f"model.expert_init: {expert_init!r} is not one of {', '.join(INIT_MODES)}")
+        if not 0.0 < replay_sample_ratio <= 1.0:
+            raise ConfigError(f"model.replay_sample_ratio must be in (0, 1], got {replay_sample_ratio}")
+        if replay_epochs < 0 or replay_batch_size < 1 or record_batch_size < 1:
+            raise ConfigError("model.replay_epochs must be >= 0 and the replay/record batch sizes >= 1")
+        self.policy.requires_grad_(False)
+        targets = self.policy.lora_targets()
+        self.library = ExpertLibrary(
+            self.policy,
+            {g: targets[g] for g in targets if g in groups},
+            self.num_tasks,
+            {**DEFAULT_RANKS, **(ranks or {})},
+            {**DEFAULT_ALPHAS, **(alphas or {})},
+            merge,
+            coefficient_dropout,
+        )
+        self.lang_dim = self.lang_table.shape[1]
+        self.query_dim = query_dim(self.policy, self.stream.shapes, self.lang_dim)
+        g = len(self.library.groups)
+        # Router t routes over experts 0..t; each starts from its own random initialisation.
+        self.routers = nn.ModuleList(
+            [CoefficientRouter(self.query_dim, g, t + 1, top_k, router_hidden) for t in range(self.num_tasks)]
+        )
+        self.memory = CoefficientMemory()
+        self.register_buffer("expert_ready", torch.zeros(self.num_tasks, dtype=torch.bool))
+        self.expert_init = expert_init
+        self.router_lr_scale = router_lr_scale
+        self.replay_epochs, self.replay_batch_size = replay_epochs, replay_batch_size
+        self.replay_lr, self.replay_weight_decay = replay_lr, replay_weight_decay
+        self.replay_grad_clip, self.replay_sample_ratio = replay_grad_clip, replay_sample_ratio
+        self.record_batch_size = record_batch_size
+        self.replay_history: list[float] = []  # mean replay loss per epoch of the last replay
+        self._query_fifo: dict[int, Tensor] = {}
+
+    # -- parameters ---------------------------------------------------------------------------
+    def task_parameters(self, task_id: int) -> list[nn.Parameter]:
+        """Expert `task_id` in every wrapped layer and router `task_id`."""
+        return self.library.expert_parameters(task_id) + list(self.routers[task_id].parameters())
+
+    def trainable_parameters(self) -> list[dict[str, Any]]:
+        t = self.current_task
+        return [
+            {"params": self.library.expert_parameters(t), "name": "experts"},
+            {"params": list(self.routers[t].parameters()), "name": "router"},
+        ]
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self._optimizer_factory(self.trainable_parameters())
+        for group in optimizer.param_groups:
+            if group.get("name") == "router":
+                group["lr"] = group["lr"] * self.router_lr_scale
+        if self._scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self._scheduler_factory(optimizer)}
+
+    def added_parameters(self, task_id: int) -> int:
+        """Parameters a task adds: its expert in every wrapped layer plus its router."""
+        return sum(self.library.expert_size(task_id).values()) + sum(
+            p.numel() for p in self.routers[task_id].parameters()
+        )
+
+    def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy
+        if (
+            stage == "fit"
+            and isinstance(strategy, DDPStrategy)
+            and self.trainer.world_size > 1
+            and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False)
+        ):
+            raise ConfigError(
+                "trainer.strategy: DMPEL trains one task's expert and router at a time, so DDP must skip the "
+                "others: use ddp_find_unused_parameters_true"
+            )
+
+    # -- task boundaries ----------------------------------------------------------------------
+    def on_task_start(self, task_id: int) -> None:
+        """Initialises experts 0..t not yet initialised (deterministically) and trains expert t + router t only."""
+        super().on_task_start(task_id)
+        for s in range(task_id + 1):
+            if not bool(self.expert_ready[s]):
+                self.library.init_expert(s, self.expert_init, (run_seed() * 1_000_003 + 7919 * (s + 1)) % 2**63)
+                self.expert_ready[s] = True
+        for s in range(self.num_tasks):
+            for p in self.task_parameters(s):
+                p.requires_grad_(s == task_id)
+        self._query_fifo = {}
+
+    def on_task_end(self, task_id: int) -> None:
+        """Records task t's coefficients on all its training windows, then (t > 0) replays them into router t."""
+        datamodule = self.trainer.datamodule
+        if not callable(getattr(datamodule, "train_dataset", None)):
+            raise ConfigError("data: DMPEL records coefficients from `train_dataset(t)`; use a robot datamodule")
+        workers = getattr(datamodule, "num_workers", 0)
+        self.record_coefficients(task_id, datamodule.train_dataset(task_id), num_workers=workers)
+        if task_id > 0:
+            self.replay_router(task_id)
+
+    # -- routing ------------------------------------------------------------------------------
+    def query(self, obs: dict[str, Tensor], lang: Tensor) -> Tensor:
+        """(B, Q) router input of each window, computed with every expert off."""
+        with self.library.disabled():
+            return routing_query(self.policy, obs, lang)
+
+    def bc_loss(self, batch: dict[str, Any]) -> Tensor:
+        """The NLL with the current router's per-sample coefficients in every wrapped layer."""
+        lang = self.lang(batch["task"])
+        coefficients = self.routers[self.current_task].dense(self.query(batch["obs"], lang))
+        with self.library.routing(coefficients):
+            return self.policy.nll(batch["obs"], lang, batch["actions"])
+
+    # -- coefficient replay -------------------------------------------------------------------
+    @torch.no_grad()
+    def record_coefficients(self, task_id: int, dataset: Dataset, num_workers: int = 0) -> tuple[Tensor, Tensor]:
+        """Stores (query, router t's dense top-k coefficients) of task t's training windows (eval mode, no
+        augmentation); a seeded `replay_sample_ratio` share of them. Returns the stored pair."""
+        was_training = self.training
+        self.eval()
+        queries, targets = [], []
+        try:
+            loader = DataLoader(dataset, batch_size=self.record_batch_size, shuffle=False, num_workers=num_workers)
+            for batch in loader:
+                batch = move_data_to_device(batch, self.device)
+                q = self.query(batch["obs"], self.lang(batch["task"]))
+                queries.append(q[:, self.lang_dim :].cpu())
+                targets.append(self.routers[task_id].dense(q).cpu())
+        finally:
+            self.train(was_training)
+        queries_t, targets_t = torch.cat(queries), torch.cat(targets)
+        keep = max(1, round(self.replay_sample_ratio * len(queries_t)))
+        if keep < len(queries_t):
+            g = torch.Generator().manual_seed((run_seed() * 1_000_003 + 6_151 * (task_id + 1)) % 2**63)
+            idx = torch.randperm(len(queries_t), generator=g)[:keep].sort().values
+            queries_t, targets_t = queries_t[idx], targets_t[idx]
+        self.memory.store(task_id, queries_t, targets_t)
+        return queries_t, targets_t
+
+    def replay_set(self, task_id: int) -> tuple[Tensor, Tensor]:
+        """All stored windows of tasks 0..t: full queries (N, Q) and targets zero-padded to (N, G, t+1)."""
+        queries, targets = [], []
+        for s in range(task_id + 1):
+            q, c = self.memory.queries[s], self.memory.targets[s]
+            lang = self.lang_table[s].cpu().float().expand(len(q), -1)
+            queries.append(torch.cat([lang, q], dim=1))
+            targets.append(F.pad(c, (0, task_id + 1 - c.shape[-1])))
+        return torch.cat(queries), torch.cat(targets)
+
+    def replay_router(self, task_id: int) -> list[float]:
+        """Fits router t alone to the stored coefficients of tasks 0..t (MSE over all G x (t+1) entries,
+        AdamW, seeded shuffles) and keeps the epoch of lowest mean loss. Returns the per-epoch means."""
+        router = self.routers[task_id]
+        queries, targets = self.replay_set(task_id)
+        params = list(router.parameters())
+        flags = [p.requires_grad for p in params]
+        optimizer = torch.optim.AdamW(params, lr=self.replay_lr, weight_decay=self.replay_weight_decay)
+        g = torch.Generator().manual_seed((run_seed() * 1_000_003 + 104_729 * (task_id + 1)) % 2**63)
+        history: list[float] = []
+        best: dict[str, Tensor] | None = None
+        try:
+            for p in params:
+                p.requires_grad_(True)
+            with torch.enable_grad(), torch.autocast(self.device.type, enabled=False):
+                for _ in range(self.replay_epochs):
+                    total, count = 0.0, 0
+                    for idx in torch.randperm(len(queries), generator=g).split(self.replay_batch_size):
+                        q, c = queries[idx].to(self.device), targets[idx].to(self.device)
+                        loss = F.mse_loss(router.dense(q), c)
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        torch.nn.utils.clip_grad_norm_(params, self.replay_grad_clip)
+                        optimizer.step()
+                        total, count = total + loss.item() * len(idx), count + len(idx)
+                    history.append(total / count)
+                    if history[-1] == min(history):
+                        best = {k: v.detach().clone() for k, v in router.state_dict().items()}
+        finally:
+            for p, flag in zip(params, flags, strict=True):
+                p.requires_grad_(flag)
+        if best is not None:
+            router.load_state_dict(best)
+        self.replay_history = history
+        if history and self._trainer is not None and self.logger is not None:
+            self.logger.log_metrics(
+                {
+                    "train/replay_mse_first": history[0],
+                    "train/replay_mse": min(history),
+                    "train/replay_best_epoch": float(int(np.argmin(history))),
+                },
+                step=self.global_step,
+            )
+        return history
+
+    # -- rollouts -----------------------------------------------------------------------------
+    def prepare_step(self, obs: dict[str, Tensor], lang: Tensor, ids: Tensor, reset: Tensor, task_id: int) -> None:
+        """Routes each episode by the mean of its last `window` step queries with the current router (the
+        task id is not used); the coefficients stay set for the rest of the `act` call."""
+        q = self.query(obs, lang)
+        means = []
+        for row, (i, r) in enumerate(zip(ids.tolist(), reset.tolist(), strict=True)):
+            new = q[row : row + 1]
+            fifo = new if r or i not in self._query_fifo else torch.cat([self._query_fifo[i], new])
+            self._query_fifo[i] = fifo[-self.policy.window :]
+            means.append(self._query_fifo[i].mean(0))
+        self.library.set_coefficients(self.routers[self.current_task].dense(torch.stack(means)))
+
+    @torch.no_grad()
+    def act(self, obs: dict[str, np.ndarray], ids: np.ndarray, reset: np.ndarray, task_id: int) -> np.ndarray:
+        """The base `act`, once per group of episodes whose token history will have the same length: the
+        base runs the transformer on such a group at a time, so the coefficients then match its rows."""
+        ids, reset = np.asarray(ids), np.asarray(reset)
+        window = self.policy.window
+        lengths = np.array(
+            [
+                1 if r or i not in self._queue else min(len(self._queue[i]) + 1, window)
+                for i, r in zip(ids.tolist(), reset.tolist(), strict=True)
+            ]
+        )
+        actions = np.empty((len(ids), self.stream.action_dim), dtype=np.float32)
+        try:
+            for n in np.unique(lengths):
+                rows = np.flatnonzero(lengths == n)
+                part = {k: np.asarray(v)[rows] for k, v in obs.items()}
+                actions[rows] = super().act(part, ids[rows], reset[rows], task_id)
+        finally:
+            self.library.clear()
+        return actions
+
+    def eval_step(self, batch: dict[str, Tensor], task_id: int) -> dict[str, Tensor]:
+        self._query_fifo = {}
+        try:
+            return super().eval_step(batch, task_id)
+        finally:
+            self._query_fifo = {}

@@ -98,6 +98,7 @@ EXTRA_COMMANDS = {
     "sample": "cli.diffusion:sample",
     "export": "cli.diffusion:export",
     "make-reg": "cli.diffusion:make_reg",
+    "make-demos": "cli.robot:make_demos",
 }
 
 

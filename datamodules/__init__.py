@@ -4,6 +4,7 @@ from datamodules.base import ClassIncrementalDataModule, ContinualDataModule, Ta
 from datamodules.cifar import SplitCIFAR10, SplitCIFAR100
 from datamodules.concepts import ConceptDataModule, ConceptStream
 from datamodules.image_folder import SplitImageFolder
+from datamodules.robot import RobotDataModule
 from datamodules.split_digits import SplitDigits
 from datamodules.tiny_imagenet import SplitTinyImageNet
 from datamodules.webdataset_shards import SplitWebDataset
@@ -13,6 +14,7 @@ __all__ = [
     "ConceptDataModule",
     "ConceptStream",
     "ContinualDataModule",
+    "RobotDataModule",
     "SplitCIFAR10",
     "SplitCIFAR100",
     "SplitDigits",

@@ -15,9 +15,11 @@ from lightning_modules.classification import (
     ReplayModule,
 )
 from lightning_modules.diffusion import ConceptDiffusionModule, CustomDiffusion, R2MoE, SequentialLoRA
+from lightning_modules.robot import DMPEL, TAIL, PackNet, RobotER, RobotEWC, RobotImitationModule, Sequential
 
 __all__ = [
     "DER",
+    "DMPEL",
     "ER",
     "EWC",
     "ClassIncrementalModule",
@@ -30,7 +32,13 @@ __all__ = [
     "Joint",
     "LMSRR",
     "LwF",
+    "PackNet",
     "R2MoE",
     "ReplayModule",
+    "RobotER",
+    "RobotEWC",
+    "RobotImitationModule",
+    "Sequential",
     "SequentialLoRA",
+    "TAIL",
 ]

@@ -10,6 +10,7 @@ time only through `prepare_step` (PackNet and TAIL use it; DMPEL, L2M and IsCiL 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -58,6 +59,9 @@ class RobotImitationModule(ContinualModule):
         if getattr(stream, "env", None) is None or not getattr(stream, "obs_shapes", None):
             raise ConfigError("data: a robot method needs a robot stream (datamodules.RobotDataModule)")
         self.policy_config = policy or PolicyConfig()
+        # Plain values in the checkpoint's hyperparameters, so it loads with torch.load(weights_only=True).
+        if "policy" in self.hparams:
+            self.hparams["policy"] = dataclasses.asdict(self.policy_config)
         self.policy = FoundationPolicy(
             self.policy_config,
             stream.shapes,

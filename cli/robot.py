@@ -1,0 +1,73 @@
+"""The robot subcommand: demonstrations from Meta-World's scripted experts, one LIBERO-like HDF5 per task.
+
+    lifelong make-demos --suite cw10 --demos 50 --out DIR [--noise 0.1] [--horizon 200] [--image_size 0]
+    lifelong make-demos --tasks reach-v3 --tasks push-v3 --out DIR
+
+Files are `DIR/<env name>.hdf5` (the layout `datamodules.robot.demos` describes); a task whose file is
+already complete for these settings is skipped, so an interrupted run resumes where it stopped. Training
+runs make the same files on first use (`RobotDataModule.prepare_data`), so this command is only needed to
+make them ahead of time or elsewhere.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from cli.errors import ConfigError
+
+
+def _fail(message: str) -> None:
+    print(f"lifelong: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _parser():
+    from jsonargparse import ArgumentParser
+
+    from datamodules.robot.demos import DemoSettings
+    from datamodules.robot.suites import SUITE_NAMES
+
+    d = DemoSettings()
+    parser = ArgumentParser(
+        prog="lifelong make-demos",
+        description="Record successful scripted-expert episodes of Meta-World tasks as HDF5 demonstration files.",
+        exit_on_error=False,
+    )
+    parser.add_argument("--suite", type=str | None, default=None, help=f"one of {', '.join(SUITE_NAMES[:3])}")
+    parser.add_argument("--tasks", type=list[str] | None, default=None, help="Meta-World env names instead of a suite")
+    parser.add_argument("--out", type=str, required=True, help="folder the files go to")
+    parser.add_argument("--demos", type=int, default=d.demos, help="successful episodes kept per task")
+    parser.add_argument("--horizon", type=int, default=d.horizon, help="most steps per episode")
+    parser.add_argument("--noise", type=float, default=d.noise, help="std of Gaussian noise on executed actions")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the initial states and the noise")
+    parser.add_argument("--extra_steps", type=int, default=d.extra_steps, help="steps recorded after success")
+    parser.add_argument("--image_size", type=int, default=d.image_size, help="corner camera size (0: no images)")
+    parser.add_argument("--max_attempts", type=int, default=d.max_attempts, help="give up after this x demos episodes")
+    parser.add_argument("--progress", type=bool, default=True, help="show a progress bar")
+    return parser
+
+
+def make_demos(argv: list[str]) -> None:
+    """`lifelong make-demos`: writes the missing demo files of a suite; one line and exit 2 on bad input."""
+    from jsonargparse import ArgumentError
+
+    from datamodules.robot.demos import DemoSettings, make_suite_demos
+    from datamodules.robot.suites import resolve_suite
+
+    try:
+        cfg = _parser().parse_args(argv)
+        suite = resolve_suite(cfg.suite, cfg.tasks)
+        settings = DemoSettings(
+            demos=cfg.demos,
+            horizon=cfg.horizon,
+            noise=cfg.noise,
+            seed=cfg.seed,
+            extra_steps=cfg.extra_steps,
+            image_size=cfg.image_size,
+            max_attempts=cfg.max_attempts,
+        )
+        make_suite_demos(suite, cfg.out, settings, progress=cfg.progress)
+    except ConfigError as err:
+        _fail(str(err))
+    except ArgumentError as err:
+        _fail(next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "invalid arguments"))

@@ -15,7 +15,17 @@ from lightning_modules.classification import (
     ReplayModule,
 )
 from lightning_modules.diffusion import ConceptDiffusionModule, CustomDiffusion, R2MoE, SequentialLoRA
-from lightning_modules.robot import DMPEL, TAIL, PackNet, RobotER, RobotEWC, RobotImitationModule, Sequential
+from lightning_modules.robot import (
+    DMPEL,
+    L2M,
+    TAIL,
+    IsCiL,
+    PackNet,
+    RobotER,
+    RobotEWC,
+    RobotImitationModule,
+    Sequential,
+)
 
 __all__ = [
     "DER",
@@ -29,7 +39,9 @@ __all__ = [
     "DERpp",
     "Finetune",
     "ICaRL",
+    "IsCiL",
     "Joint",
+    "L2M",
     "LMSRR",
     "LwF",
     "PackNet",

@@ -26,6 +26,10 @@ rollout time each episode keeps a second queue of its last `window` steps' token
 experts off; the query is the frozen transformer's readout over that queue, averaged over time - the
 training query of the episode's latest window (shorter at the episode start). The adapted token queue is
 the base module's, so with an `img` group a queued step keeps the expert it was encoded with.
+
+Plain `ddp` works: the one-hot weight merge keeps every expert in the graph (unselected ones get zero
+gradients, which AdamW's decoupled weight decay still acts on, as in the reference, whose optimizer holds
+the whole pool), and the usage counts are summed over the ranks.
 """
 
 from __future__ import annotations

@@ -178,4 +178,3 @@ class RobotImitationModule(ContinualModule):
         state = self.__dict__.copy()
         state["_runner"] = None  # worker processes are not copied
         return state
-

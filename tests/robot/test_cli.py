@@ -32,7 +32,7 @@ def small(root, demos) -> list[str]:
 @pytest.mark.slow
 def test_make_demos_then_dmpel_fit_and_resume(run_fit, tmp_path):
     demos = tmp_path / "demos"
-    main(["make-demos", "--tasks", TASKS, "--demos", "3", "--horizon", "60", "--out", str(demos), "--progress", "false"])
+    main(["make-demos", "--tasks", TASKS, "--demos", "3", "--horizon", "60", "--out", str(demos), "--progress=false"])
     assert sorted(p.name for p in demos.glob("*.hdf5")) == ["handle-press-side-v3.hdf5", "reach-v3.hdf5"]
 
     run_fit("robot/dmpel_cw3.yaml", tmp_path / "full", *small(tmp_path, demos))

@@ -42,6 +42,7 @@ format: install ## ruff format and autofix
 bench: install ## benchmarks (print a table, write JSON under benchmarks/out/)
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/r2moe_storage.py
+	$(BIN)/python benchmarks/rollout_speed.py
 
 clean: ## remove runs and caches (keeps .venv)
 	rm -rf runs lightning_logs .pytest_cache .ruff_cache benchmarks/out

@@ -53,6 +53,22 @@ class PerTaskMean(Metric):
         return self.total / self.count
 
 
+def same_metrics_on_every_rank(
+    metrics: dict[str, PerTaskMean], num_tasks: int, device: torch.device
+) -> dict[str, PerTaskMean]:
+    """Metrics are created when a rank first sees a batch, but every `compute` is a collective under DDP, so
+    all ranks must hold the same metrics in the same order, also a rank that got no evaluation item (fewer
+    items than ranks). Gathers the names (in order of first appearance, rank 0's first) and adds empty
+    metrics where they are missing. A single process gets `metrics` back unchanged."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return metrics
+    gathered: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, list(metrics))
+    names = dict.fromkeys(name for rank_names in gathered for name in rank_names or [])
+    return {name: metrics[name] if name in metrics else PerTaskMean(num_tasks).to(device) for name in names}
+
+
 def summarize(matrix: Matrix, untrained: list[float] | None = None) -> dict[str, float | None]:
     """The standard summaries of a (possibly partly filled) matrix; the last filled row counts as final.
 
@@ -231,6 +247,8 @@ class ContinualMetrics(ContinualCallback):
 
     def _curve_point(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int, epoch: int) -> None:
         scores = self.evaluate(trainer, pl_module, tasks=[task])
+        if not scores:  # the task has no evaluation item on any rank: no point
+            return
         name = next(iter(scores))  # the primary metric
         score = scores[name][task]
         self.curves.setdefault(task, []).append([epoch, score])
@@ -262,6 +280,7 @@ class ContinualMetrics(ContinualCallback):
                             metrics[name] = PerTaskMean(dm.num_tasks).to(pl_module.device)
                         metrics[name].update(values, j)
         pl_module.train(was_training)
+        metrics = same_metrics_on_every_rank(metrics, dm.num_tasks, pl_module.device)
         return {
             name: [v if j in chosen else None for j, v in enumerate((m.compute() * self.scale).tolist())]
             for name, m in metrics.items()
@@ -349,7 +368,8 @@ class ContinualMetrics(ContinualCallback):
 
     def _stage_end(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         names = list(trainer.datamodule.task_names)
-        rows = {name: (m.compute() * self.scale).tolist() for name, m in self._stage_metrics.items()}
+        metrics = same_metrics_on_every_rank(self._stage_metrics, pl_module.num_tasks, pl_module.device)
+        rows = {name: (m.compute() * self.scale).tolist() for name, m in metrics.items()}
         for name, row in rows.items():
             for j, v in enumerate(row):
                 pl_module.log(f"{stage}/{name}/task_{j}", v, add_dataloader_idx=False)

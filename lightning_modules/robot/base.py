@@ -4,22 +4,33 @@ It builds the foundation policy from the stream (observation shapes, action size
 task's instruction once with a frozen language encoder, trains by behaviour cloning (the GMM's negative
 log-likelihood, logged as `train/nll`) and evaluates by rollouts: `eval_step(batch, j)` plays the batch's
 episode numbers of task j in the simulator and returns one success (0/1) per episode, which the
-continual-metrics callback turns into the success matrix. The task id reaches the policy at rollout
-time only through `prepare_step` (PackNet and TAIL use it; DMPEL, L2M and IsCiL must not).
+continual-metrics callback turns into the success matrix. At rollout time `act` uses the task id only to
+pick the task's instruction embedding (an input of the policy, as in LIBERO); beyond that it reaches the
+method only through `prepare_step` and `eval_step` (PackNet and TAIL use it to choose weights; DMPEL, L2M
+and IsCiL must not).
+
+Shared here as well: the seeds a method derives from the run seed (`task_seed`), end-of-task passes over a
+task's training windows (`task_batches`), the per-episode histories of rollouts (`push_history`) and the
+DDP check of methods that train a subset of their parameters (`require_find_unused_parameters`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
 from cli.errors import ConfigError
+from cli.runtime import run_seed
 from lightning_modules.base import ContinualModule
 from lightning_modules.nn.robot.encoders import encode_instructions
 from lightning_modules.nn.robot.policy import FoundationPolicy, PolicyConfig
@@ -33,6 +44,29 @@ def to_policy_obs(obs: dict[str, np.ndarray], device: torch.device) -> dict[str,
         if k.endswith("_rgb"):
             x = x.permute(0, 3, 1, 2).float().div_(255)
         out[k] = x.float().unsqueeze(1)
+    return out
+
+
+def task_seed(salt: int, task_id: int, offset: int = 0) -> int:
+    """A seed derived from the run seed, the same on every rank: (run_seed * 1,000,003 + offset + salt *
+    (task_id + 1)) mod 2^63. Each kind of draw has its own `salt` (and `offset`), so kinds do not share seeds."""
+    return (run_seed() * 1_000_003 + offset + salt * (task_id + 1)) % 2**63
+
+
+def end_of_task_seed(task_id: int) -> int:
+    """Seed of the passes a method makes over task `task_id` at its end (EWC's Fisher, PackNet's fine-tuning)."""
+    return task_seed(7_919, task_id)
+
+
+def push_history(history: dict[int, Tensor], ids: Any, reset: Any, values: Tensor, window: int) -> list[Tensor]:
+    """Appends row b of `values` to episode ids[b]'s history (restarted where reset[b] or new) and keeps its
+    last `window` entries; returns the rows' histories in order. `history` maps episode ids to tensors."""
+    out = []
+    for row, (i, r) in enumerate(zip(ids.tolist(), reset.tolist(), strict=True)):
+        new = values[row : row + 1]
+        kept = new if r or i not in history else torch.cat([history[i], new])
+        history[i] = kept[-window:]
+        out.append(history[i])
     return out
 
 
@@ -74,7 +108,8 @@ class RobotImitationModule(ContinualModule):
             self.load_policy(policy_checkpoint)
         self.rollout_workers = rollout_workers
         self._runner = None
-        self._queue: dict[int, Tensor] = {}
+        self._queue: dict[int, Tensor] = {}  # per episode: its last `window` steps' tokens
+        self._query_fifo: dict[int, Tensor] = {}  # per episode: its last `window` routing queries (if routed)
 
     # -- weights ------------------------------------------------------------------------------------
     def load_policy(self, path: str) -> None:
@@ -91,6 +126,69 @@ class RobotImitationModule(ContinualModule):
                 f"model.policy_checkpoint: {path} does not fit this policy (missing {missing[:3]}, unexpected "
                 f"{unexpected[:3]}); use the model.policy settings it was trained with"
             )
+
+    # -- tasks --------------------------------------------------------------------------------------
+    def on_task_start(self, task_id: int) -> None:
+        super().on_task_start(task_id)
+        self._query_fifo = {}
+
+    def added_parameters(self, task_id: int) -> int:
+        """Parameters added for task `task_id`: none here - the method trains the weights it has (Sequential,
+        ER, EWC, PackNet; their other costs are in `added_memory`). Methods that grow override it."""
+        return 0
+
+    def require_find_unused_parameters(self, reason: str) -> None:
+        """Under multi-process DDP, refuses a strategy that expects a gradient for every parameter; `reason`
+        says which parameters train (e.g. "DMPEL trains one task's expert and router at a time")."""
+        strategy = self.trainer.strategy
+        if (
+            isinstance(strategy, DDPStrategy)
+            and self.trainer.world_size > 1
+            and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False)
+        ):
+            raise ConfigError(
+                f"trainer.strategy: {reason}, so DDP must skip the others: use ddp_find_unused_parameters_true"
+            )
+
+    # -- passes over a task's training windows ------------------------------------------------------
+    def as_model_batch(self, batch: dict[str, Any], augment: bool) -> dict[str, Any]:
+        """A collated batch of dataset items -> a training batch on the module's device. With `augment`, the
+        observations go through the stream's `train_transform` when it has one (obs dict -> obs dict)."""
+        batch = move_data_to_device(batch, self.device)
+        transform = getattr(self.stream, "train_transform", None)
+        if augment and transform is not None:
+            batch = {**batch, "obs": transform(batch["obs"])}
+        return batch
+
+    def task_batches(
+        self,
+        task_id: int,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int | None = 0,
+        augment: bool = True,
+        max_batches: int | None = None,
+        dataset: Dataset | None = None,
+        num_workers: int | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Task `task_id`'s training windows as batches on the module's device (their `task` set to
+        `task_id`), for end-of-task passes: EWC's Fisher, PackNet's fine-tuning, DMPEL's recorded
+        coefficients, IsCiL's queries. The order depends on `seed` alone, so every rank sees the same batches
+        (None: no generator of its own, the loader's worker seed comes from the global RNG; for ordered
+        passes). `dataset` / `num_workers` default to the datamodule's `train_dataset(task_id)` / workers."""
+        data = self.trainer.datamodule if dataset is None or num_workers is None else None
+        loader = DataLoader(
+            data.train_dataset(task_id) if dataset is None else dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=None if seed is None else torch.Generator().manual_seed(seed),
+            num_workers=getattr(data, "num_workers", 0) if num_workers is None else num_workers,
+        )
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                return
+            batch["task"] = torch.full((len(batch["actions"]),), task_id, dtype=torch.long)
+            yield self.as_model_batch(batch, augment)
 
     # -- training -----------------------------------------------------------------------------------
     def lang(self, task: Tensor) -> Tensor:
@@ -121,8 +219,19 @@ class RobotImitationModule(ContinualModule):
         return self._runner
 
     def prepare_step(self, obs: dict[str, Tensor], lang: Tensor, ids: Tensor, reset: Tensor, task_id: int) -> None:
-        """Called before the policy acts at each simulator step (obs with T = 1). Methods that route or
-        select experts set them here; `task_id` may only be used by methods that assume it is known."""
+        """Called before the policy acts on a group of running episodes (obs with T = 1), once per group of
+        episodes whose token history has the same length, with exactly that group's rows: methods that route
+        or select experts per sample set them here (they then match the rows of every forward until the next
+        call); `task_id` may only be used by methods that assume it is known."""
+
+    def finish_step(self) -> None:
+        """Called when `act` is done (also after an error): methods clear what `prepare_step` set."""
+
+    def episode_query_means(self, queries: Tensor, ids: Tensor, reset: Tensor) -> Tensor:
+        """(n, Q): each episode's mean routing query over its last `window` steps, this step's (`queries`,
+        one row per episode) included: the training query of the episode's latest window."""
+        history = push_history(self._query_fifo, ids, reset, queries, self.policy.window)
+        return torch.stack([h.mean(0) for h in history])
 
     def encode_step(self, obs: dict[str, Tensor], lang: Tensor) -> Tensor:
         """(n, 1, M, E) tokens of the current step (methods with encoder adapters may override)."""
@@ -130,37 +239,45 @@ class RobotImitationModule(ContinualModule):
 
     @torch.no_grad()
     def act(self, obs: dict[str, np.ndarray], ids: np.ndarray, reset: np.ndarray, task_id: int) -> np.ndarray:
-        """Actions for the running episodes `ids`: encode this step, append it to each episode's queue of
-        the last `window` steps' tokens, run the transformer and sample from the GMM at the newest step."""
+        """Actions for the running episodes `ids` of task `task_id` (whose instruction embedding the policy
+        gets). Per group of episodes whose history will have the same length (shortest first, rows in order):
+        `prepare_step`, encode this step, append it to each episode's queue of the last `window` steps'
+        tokens, run the transformer and sample from the GMM at the newest step; then `finish_step`."""
+        ids, reset = np.asarray(ids), np.asarray(reset)
+        window = self.policy.window
+        lengths = np.array(
+            [
+                1 if r or i not in self._queue else min(len(self._queue[i]) + 1, window)
+                for i, r in zip(ids.tolist(), reset.tolist(), strict=True)
+            ]
+        )
         x = to_policy_obs(obs, self.device)
         lang = self.lang_table[task_id].expand(len(ids), -1)
-        ids_t = torch.as_tensor(ids, device=self.device)
-        self.prepare_step(x, lang, ids_t, torch.as_tensor(reset, device=self.device), task_id)
-        tokens = self.encode_step(x, lang)[:, 0]
-        for row, (i, r) in enumerate(zip(ids.tolist(), reset.tolist(), strict=True)):
-            q = (
-                tokens[row : row + 1]
-                if r or i not in self._queue
-                else torch.cat([self._queue[i], tokens[row : row + 1]])
-            )
-            self._queue[i] = q[-self.policy.window :]
         actions = torch.empty(len(ids), self.stream.action_dim, device=self.device)
-        lengths = torch.tensor([len(self._queue[i]) for i in ids.tolist()])
-        for n in lengths.unique().tolist():  # episodes with the same history length run together
-            rows = (lengths == n).nonzero().flatten()
-            seq = torch.stack([self._queue[ids[r]] for r in rows.tolist()])
-            h = self.policy.temporal(seq)[:, -1]
-            actions[rows.to(self.device)] = self.policy.head(h).sample()
+        try:
+            for n in np.unique(lengths).tolist():
+                rows = np.flatnonzero(lengths == n)
+                index = torch.as_tensor(rows, device=self.device)
+                part, part_lang = {k: v[index] for k, v in x.items()}, lang[index]
+                ids_t, reset_t = (torch.as_tensor(a[rows], device=self.device) for a in (ids, reset))
+                self.prepare_step(part, part_lang, ids_t, reset_t, task_id)
+                tokens = self.encode_step(part, part_lang)[:, 0]
+                seq = torch.stack(push_history(self._queue, ids[rows], reset[rows], tokens, window))
+                actions[index] = self.policy.head(self.policy.temporal(seq)[:, -1]).sample()
+        finally:
+            self.finish_step()
         return actions.clamp_(-1, 1).float().cpu().numpy()
 
     def eval_step(self, batch: dict[str, Tensor], task_id: int) -> dict[str, Tensor]:
         """Plays the batch's episodes of task `task_id`; one success (0/1) per episode."""
         episodes = batch["episode"].tolist()
-        self._queue = {}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.stream.env.eval_seed + 7919 * task_id + episodes[0])
-            result = self.runner.run(task_id, episodes, lambda obs, ids, reset: self.act(obs, ids, reset, task_id))
-        self._queue = {}
+        self._queue, self._query_fifo = {}, {}
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.stream.env.eval_seed + 7919 * task_id + episodes[0])
+                result = self.runner.run(task_id, episodes, lambda obs, ids, reset: self.act(obs, ids, reset, task_id))
+        finally:
+            self._queue, self._query_fifo = {}, {}
         return {"success_rate": torch.as_tensor(result.success, dtype=torch.float32, device=self.device)}
 
     def on_fit_end(self) -> None:

@@ -34,18 +34,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from callbacks.expert_freezing import ExpertFreezing
 from cli.errors import ConfigError
-from cli.runtime import run_seed
-from lightning_modules.nn.robot.experts import INIT_MODES, ExpertLibrary
+from lightning_modules.nn.robot.experts import GROUPS, INIT_MODES, ExpertLibrary, check_groups
 from lightning_modules.nn.robot.router import CoefficientRouter, query_dim, routing_query
-from lightning_modules.robot.base import RobotImitationModule
+from lightning_modules.robot.base import RobotImitationModule, task_seed
 
-GROUPS = ("img", "extra", "fusion", "tem", "head")
 DEFAULT_RANKS = {"img": 8, "extra": 16, "fusion": 16, "tem": 16, "head": 16}
 DEFAULT_ALPHAS = dict.fromkeys(GROUPS, 16.0)
 
@@ -118,9 +115,7 @@ class DMPEL(RobotImitationModule):
     ):
         super().__init__(*args, **kwargs)
         for option, given in (("groups", groups), ("ranks", ranks or {}), ("alphas", alphas or {})):
-            unknown = sorted(set(given) - set(GROUPS))
-            if unknown:
-                raise ConfigError(f"model.{option}: unknown group(s) {unknown}; choose from {list(GROUPS)}")
+            check_groups(given, f"model.{option}")
         if expert_init not in INIT_MODES:
             raise ConfigError(f"model.expert_init: {expert_init!r} is not one of {', '.join(INIT_MODES)}")
         if not 0.0 < replay_sample_ratio <= 1.0:
@@ -154,7 +149,6 @@ class DMPEL(RobotImitationModule):
         self.replay_grad_clip, self.replay_sample_ratio = replay_grad_clip, replay_sample_ratio
         self.record_batch_size = record_batch_size
         self.replay_history: list[float] = []  # mean replay loss per epoch of the last replay
-        self._query_fifo: dict[int, Tensor] = {}
 
     # -- parameters ---------------------------------------------------------------------------
     def task_parameters(self, task_id: int) -> list[nn.Parameter]:
@@ -184,17 +178,9 @@ class DMPEL(RobotImitationModule):
         )
 
     def setup(self, stage: str) -> None:
-        strategy = self.trainer.strategy
-        if (
-            stage == "fit"
-            and isinstance(strategy, DDPStrategy)
-            and self.trainer.world_size > 1
-            and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False)
-        ):
-            raise ConfigError(
-                "trainer.strategy: DMPEL trains one task's expert and router at a time, so DDP must skip the "
-                "others: use ddp_find_unused_parameters_true"
-            )
+        super().setup(stage)
+        if stage == "fit":
+            self.require_find_unused_parameters("DMPEL trains one task's expert and router at a time")
 
     # -- task boundaries ----------------------------------------------------------------------
     def on_task_start(self, task_id: int) -> None:
@@ -202,12 +188,9 @@ class DMPEL(RobotImitationModule):
         super().on_task_start(task_id)
         for s in range(task_id + 1):
             if not bool(self.expert_ready[s]):
-                self.library.init_expert(s, self.expert_init, (run_seed() * 1_000_003 + 7919 * (s + 1)) % 2**63)
+                self.library.init_expert(s, self.expert_init, task_seed(7_919, s))
                 self.expert_ready[s] = True
-        for s in range(self.num_tasks):
-            for p in self.task_parameters(s):
-                p.requires_grad_(s == task_id)
-        self._query_fifo = {}
+        ExpertFreezing.apply(self, task_id)
 
     def on_task_end(self, task_id: int) -> None:
         """Records task t's coefficients on all its training windows, then (t > 0) replays them into router t."""
@@ -222,8 +205,7 @@ class DMPEL(RobotImitationModule):
     # -- routing ------------------------------------------------------------------------------
     def query(self, obs: dict[str, Tensor], lang: Tensor) -> Tensor:
         """(B, Q) router input of each window, computed with every expert off."""
-        with self.library.disabled():
-            return routing_query(self.policy, obs, lang)
+        return routing_query(self.policy, obs, lang, self.library)
 
     def bc_loss(self, batch: dict[str, Any]) -> Tensor:
         """The NLL with the current router's per-sample coefficients in every wrapped layer."""
@@ -241,9 +223,16 @@ class DMPEL(RobotImitationModule):
         self.eval()
         queries, targets = [], []
         try:
-            loader = DataLoader(dataset, batch_size=self.record_batch_size, shuffle=False, num_workers=num_workers)
-            for batch in loader:
-                batch = move_data_to_device(batch, self.device)
+            batches = self.task_batches(
+                task_id,
+                self.record_batch_size,
+                shuffle=False,
+                seed=None,
+                augment=False,
+                dataset=dataset,
+                num_workers=num_workers,
+            )
+            for batch in batches:
                 q = self.query(batch["obs"], self.lang(batch["task"]))
                 queries.append(q[:, self.lang_dim :].cpu())
                 targets.append(self.routers[task_id].dense(q).cpu())
@@ -252,7 +241,7 @@ class DMPEL(RobotImitationModule):
         queries_t, targets_t = torch.cat(queries), torch.cat(targets)
         keep = max(1, round(self.replay_sample_ratio * len(queries_t)))
         if keep < len(queries_t):
-            g = torch.Generator().manual_seed((run_seed() * 1_000_003 + 6_151 * (task_id + 1)) % 2**63)
+            g = torch.Generator().manual_seed(task_seed(6_151, task_id))
             idx = torch.randperm(len(queries_t), generator=g)[:keep].sort().values
             queries_t, targets_t = queries_t[idx], targets_t[idx]
         self.memory.store(task_id, queries_t, targets_t)
@@ -276,7 +265,7 @@ class DMPEL(RobotImitationModule):
         params = list(router.parameters())
         flags = [p.requires_grad for p in params]
         optimizer = torch.optim.AdamW(params, lr=self.replay_lr, weight_decay=self.replay_weight_decay)
-        g = torch.Generator().manual_seed((run_seed() * 1_000_003 + 104_729 * (task_id + 1)) % 2**63)
+        g = torch.Generator().manual_seed(task_seed(104_729, task_id))
         history: list[float] = []
         best: dict[str, Tensor] | None = None
         try:
@@ -316,41 +305,9 @@ class DMPEL(RobotImitationModule):
     # -- rollouts -----------------------------------------------------------------------------
     def prepare_step(self, obs: dict[str, Tensor], lang: Tensor, ids: Tensor, reset: Tensor, task_id: int) -> None:
         """Routes each episode by the mean of its last `window` step queries with the current router (the
-        task id is not used); the coefficients stay set for the rest of the `act` call."""
-        q = self.query(obs, lang)
-        means = []
-        for row, (i, r) in enumerate(zip(ids.tolist(), reset.tolist(), strict=True)):
-            new = q[row : row + 1]
-            fifo = new if r or i not in self._query_fifo else torch.cat([self._query_fifo[i], new])
-            self._query_fifo[i] = fifo[-self.policy.window :]
-            means.append(self._query_fifo[i].mean(0))
-        self.library.set_coefficients(self.routers[self.current_task].dense(torch.stack(means)))
+        task id is not used); the coefficients stay set until `finish_step`."""
+        means = self.episode_query_means(self.query(obs, lang), ids, reset)
+        self.library.set_coefficients(self.routers[self.current_task].dense(means))
 
-    @torch.no_grad()
-    def act(self, obs: dict[str, np.ndarray], ids: np.ndarray, reset: np.ndarray, task_id: int) -> np.ndarray:
-        """The base `act`, once per group of episodes whose token history will have the same length: the
-        base runs the transformer on such a group at a time, so the coefficients then match its rows."""
-        ids, reset = np.asarray(ids), np.asarray(reset)
-        window = self.policy.window
-        lengths = np.array(
-            [
-                1 if r or i not in self._queue else min(len(self._queue[i]) + 1, window)
-                for i, r in zip(ids.tolist(), reset.tolist(), strict=True)
-            ]
-        )
-        actions = np.empty((len(ids), self.stream.action_dim), dtype=np.float32)
-        try:
-            for n in np.unique(lengths):
-                rows = np.flatnonzero(lengths == n)
-                part = {k: np.asarray(v)[rows] for k, v in obs.items()}
-                actions[rows] = super().act(part, ids[rows], reset[rows], task_id)
-        finally:
-            self.library.clear()
-        return actions
-
-    def eval_step(self, batch: dict[str, Tensor], task_id: int) -> dict[str, Tensor]:
-        self._query_fifo = {}
-        try:
-            return super().eval_step(batch, task_id)
-        finally:
-            self._query_fifo = {}
+    def finish_step(self) -> None:
+        self.library.clear()

@@ -11,60 +11,15 @@ datamodule's `train_dataset(t)` - images stay on disk, and the checkpoint needs 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from fractions import Fraction
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Dataset, default_collate
 
 from cli.errors import ConfigError
-from cli.runtime import run_seed
 from lightning_modules.robot.base import RobotImitationModule
-
-
-def as_model_batch(module: RobotImitationModule, batch: dict[str, Any], augment: bool) -> dict[str, Any]:
-    """A collated batch of dataset items -> a training batch on the module's device. With `augment`, the
-    observations go through the stream's `train_transform` when it has one (obs dict -> obs dict)."""
-    batch = move_data_to_device(batch, module.device)
-    transform = getattr(module.stream, "train_transform", None)
-    if augment and transform is not None:
-        batch = {**batch, "obs": transform(batch["obs"])}
-    return batch
-
-
-def task_batches(
-    module: RobotImitationModule,
-    task_id: int,
-    batch_size: int,
-    shuffle: bool = True,
-    seed: int = 0,
-    augment: bool = True,
-    max_batches: int | None = None,
-) -> Iterator[dict[str, Any]]:
-    """Task `task_id`'s training windows as batches on the module's device, for end-of-task passes (EWC's
-    Fisher, PackNet's fine-tuning). The order depends on `seed` alone, so every rank sees the same batches."""
-    data = module.trainer.datamodule
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(
-        data.train_dataset(task_id),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
-        num_workers=getattr(data, "num_workers", 0),
-    )
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            return
-        batch["task"] = torch.full((len(batch["actions"]),), task_id, dtype=torch.long)
-        yield as_model_batch(module, batch, augment)
-
-
-def end_of_task_seed(task_id: int) -> int:
-    """Seed of the passes a method makes over task `task_id` at its end (same on every rank)."""
-    return run_seed() * 1_000_003 + 7_919 * (task_id + 1)
 
 
 class RobotER(RobotImitationModule):
@@ -117,7 +72,7 @@ class RobotER(RobotImitationModule):
             tasks.append(t)
         batch = default_collate(items)
         batch["task"] = torch.tensor(tasks, dtype=torch.long)
-        return as_model_batch(self, batch, augment=True)
+        return self.as_model_batch(batch, augment=True)
 
     def training_terms(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         if self.current_task == 0 or int(self.replay_counts[: self.current_task].sum()) == 0:
@@ -130,10 +85,6 @@ class RobotER(RobotImitationModule):
         actions = torch.cat([batch["actions"], memory["actions"].to(batch["actions"].dtype)])
         nll = -self.policy(obs, self.lang(task)).log_prob(actions)  # (B + R, T), one forward for both
         return {"nll": b / (b + r) * nll[:b].mean(), "replay_nll": r / (b + r) * nll[b:].mean()}
-
-    def added_parameters(self, task_id: int) -> int:
-        """Parameters added for task `task_id`: none (the cost is the replay buffer, `added_memory`)."""
-        return 0
 
     def added_memory(self, task_id: int) -> dict[str, int]:
         """What is stored for task `task_id`: its replayed windows (indices; the data stays on disk)."""

@@ -14,8 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from cli.errors import ConfigError
-from lightning_modules.robot.base import RobotImitationModule
-from lightning_modules.robot.er import end_of_task_seed, task_batches
+from lightning_modules.robot.base import RobotImitationModule, end_of_task_seed
 
 
 def minibatch_fisher(params: list[nn.Parameter], batches: Iterable[Any], mean_nll: Any) -> tuple[list[Tensor], int]:
@@ -86,8 +85,8 @@ class RobotEWC(RobotImitationModule):
     def on_task_end(self, task_id: int) -> None:
         super().on_task_end(task_id)
         batch_size = self.fisher_batch_size or self.trainer.datamodule.batch_size
-        batches = task_batches(
-            self, task_id, batch_size, seed=end_of_task_seed(task_id), max_batches=self.fisher_batches
+        batches = self.task_batches(
+            task_id, batch_size, seed=end_of_task_seed(task_id), max_batches=self.fisher_batches
         )
         params = list(self.policy.parameters())
         was_training = self.policy.training
@@ -98,10 +97,6 @@ class RobotEWC(RobotImitationModule):
         self.policy.train(was_training)
         self.fisher.mul_(self.gamma).add_(torch.cat([f.flatten() for f in fisher]))
         self.anchor.copy_(torch.cat([p.detach().flatten() for p in params]))
-
-    def added_parameters(self, task_id: int) -> int:
-        """Parameters added for task `task_id`: none (one Fisher and one anchor are kept for all tasks)."""
-        return 0
 
     def added_memory(self, task_id: int) -> dict[str, int]:
         """Numbers stored for task `task_id`: the running Fisher and the anchor, created once (task 0)."""

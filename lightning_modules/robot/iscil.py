@@ -36,22 +36,19 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from callbacks.expert_freezing import ExpertFreezing
 from cli.errors import ConfigError
-from cli.runtime import run_seed
-from lightning_modules.nn.robot.experts import ExpertLibrary
+from lightning_modules.nn.robot.experts import GROUPS, ExpertLibrary, check_groups, replace_linear
 from lightning_modules.nn.robot.router import query_dim, routing_query
-from lightning_modules.robot.base import RobotImitationModule
-from lightning_modules.robot.l2m import GROUPS, act_by_history_length, check_groups
+from lightning_modules.robot.base import RobotImitationModule, task_seed
 
 COPY_GROUPS = ("extra", "fusion", "head")
 
@@ -187,9 +184,7 @@ class IsCiL(RobotImitationModule):
     ):
         super().__init__(*args, **kwargs)
         check_groups(groups)
-        unknown = sorted(set(copy_groups) - set(COPY_GROUPS))
-        if unknown:
-            raise ConfigError(f"model.copy_groups: unknown group(s) {unknown}; choose from {list(COPY_GROUPS)}")
+        check_groups(copy_groups, "model.copy_groups", COPY_GROUPS)
         if set(groups) & set(copy_groups):
             raise ConfigError(
                 f"model.copy_groups: {sorted(set(groups) & set(copy_groups))} also in model.groups; a layer gets "
@@ -205,17 +200,13 @@ class IsCiL(RobotImitationModule):
         self.library = ExpertLibrary(
             self.policy, chosen, self.num_tasks, dict.fromkeys(GROUPS, rank), dict.fromkeys(GROUPS, float(alpha))
         )
-        seed = run_seed() * 1_000_003 + 9_337
         for k in range(self.num_tasks):  # standard LoRA: A kaiming-uniform, B = 0 (slot t > 0 is copied later)
-            self.library.init_expert(k, "kaiming", (seed + 7_919 * (k + 1)) % 2**63)
-        self.slot_layers: list[SlotLinear] = []
-        for group in copy_groups:
-            for name, _ in targets[group]:
-                parent_name, _, child = name.rpartition(".")
-                parent = self.policy.get_submodule(parent_name) if parent_name else self.policy
-                layer = SlotLinear(getattr(parent, child), self.num_tasks)
-                setattr(parent, child, layer)
-                self.slot_layers.append(layer)
+            self.library.init_expert(k, "kaiming", task_seed(7_919, k, offset=9_337))
+        self.slot_layers: list[SlotLinear] = [
+            replace_linear(self.policy, name, partial(SlotLinear, slots=self.num_tasks))
+            for group in copy_groups
+            for name, _ in targets[group]
+        ]
         self.lang_dim = self.lang_table.shape[1]
         self.query_dim = query_dim(self.policy, self.stream.shapes, self.lang_dim)
         self.num_prototypes = prototypes
@@ -226,7 +217,6 @@ class IsCiL(RobotImitationModule):
         self.register_buffer("slot_source", torch.full((self.num_tasks,), -1, dtype=torch.long))
         # Every slot requires grad until the first task starts, so that DDP (which wraps the module before
         # that) registers them all; `on_task_start` then leaves only the current slot trainable.
-        self._query_fifo: dict[int, Tensor] = {}
         self.retrieved: Tensor | None = None  # the slots of the last rollout step's episodes
 
     # -- parameters ---------------------------------------------------------------------------
@@ -246,17 +236,9 @@ class IsCiL(RobotImitationModule):
         return sum(p.numel() for p in self.slot_parameters(task_id)) + self.prototypes[task_id].numel()
 
     def setup(self, stage: str) -> None:
-        strategy = self.trainer.strategy
-        if (
-            stage == "fit"
-            and isinstance(strategy, DDPStrategy)
-            and self.trainer.world_size > 1
-            and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False)
-        ):
-            raise ConfigError(
-                "trainer.strategy: IsCiL trains one task's slot at a time, so DDP must skip the others: use "
-                "ddp_find_unused_parameters_true"
-            )
+        super().setup(stage)
+        if stage == "fit":
+            self.require_find_unused_parameters("IsCiL trains one task's slot at a time")
 
     @torch.no_grad()
     def copy_slot(self, source: int, target: int) -> None:
@@ -274,10 +256,7 @@ class IsCiL(RobotImitationModule):
             if not callable(getattr(datamodule, "train_dataset", None)):
                 raise ConfigError("data: IsCiL builds prototypes from `train_dataset(t)`; use a robot datamodule")
             self.prepare_task(task_id, datamodule.train_dataset(task_id), getattr(datamodule, "num_workers", 0))
-        for s in range(self.num_tasks):
-            for p in self.slot_parameters(s):
-                p.requires_grad_(s == task_id)
-        self._query_fifo = {}
+        ExpertFreezing.apply(self, task_id)
 
     @torch.no_grad()
     def prepare_task(self, task_id: int, dataset: Dataset, num_workers: int = 0) -> Tensor:
@@ -291,7 +270,7 @@ class IsCiL(RobotImitationModule):
             source = self._from_rank_zero(int(counts.argmax()))
             self.copy_slot(source, task_id)
             self.slot_source[task_id] = source
-        seed = (run_seed() * 1_000_003 + 15_485_863 * (task_id + 1)) % 2**63
+        seed = task_seed(15_485_863, task_id)
         centres = kmeans(queries, self.num_prototypes, self.kmeans_init, self.kmeans_iters, seed=seed)
         centres = self._from_rank_zero(centres.cpu()).to(queries.device)
         fill = torch.arange(self.num_prototypes, device=centres.device) % len(centres)
@@ -306,8 +285,7 @@ class IsCiL(RobotImitationModule):
     # -- retrieval ----------------------------------------------------------------------------
     def query(self, obs: dict[str, Tensor], lang: Tensor) -> Tensor:
         """(B, Q) query of each window (DMPEL's router input), computed with every expert off."""
-        with self.library.disabled():
-            return routing_query(self.policy, obs, lang)
+        return routing_query(self.policy, obs, lang, self.library)
 
     @torch.no_grad()
     def window_queries(self, task_id: int, dataset: Dataset, num_workers: int = 0) -> Tensor:
@@ -316,11 +294,17 @@ class IsCiL(RobotImitationModule):
         self.eval()
         queries = []
         try:
-            loader = DataLoader(dataset, batch_size=self.query_batch_size, shuffle=False, num_workers=num_workers)
-            for batch in loader:
-                obs = move_data_to_device(batch["obs"], self.device)
-                lang = self.lang_table[task_id].expand(len(batch["actions"]), -1)
-                queries.append(self.query(obs, lang).float())
+            batches = self.task_batches(
+                task_id,
+                self.query_batch_size,
+                shuffle=False,
+                seed=None,
+                augment=False,
+                dataset=dataset,
+                num_workers=num_workers,
+            )
+            for batch in batches:
+                queries.append(self.query(batch["obs"], self.lang(batch["task"])).float())
         finally:
             self.train(was_training)
         return torch.cat(queries)
@@ -373,28 +357,9 @@ class IsCiL(RobotImitationModule):
     # -- rollouts -----------------------------------------------------------------------------
     def prepare_step(self, obs: dict[str, Tensor], lang: Tensor, ids: Tensor, reset: Tensor, task_id: int) -> None:
         """Retrieves each episode's slot from the mean of its last `window` step queries (the task id is
-        not used); the slots stay selected for the rest of the `act` call."""
-        q = self.query(obs, lang)
-        means = []
-        for row, (i, r) in enumerate(zip(ids.tolist(), reset.tolist(), strict=True)):
-            new = q[row : row + 1]
-            fifo = new if r or i not in self._query_fifo else torch.cat([self._query_fifo[i], new])
-            self._query_fifo[i] = fifo[-self.policy.window :]
-            means.append(self._query_fifo[i].mean(0))
-        self.retrieved = self.retrieve(torch.stack(means))
+        not used); the slots stay selected until `finish_step`."""
+        self.retrieved = self.retrieve(self.episode_query_means(self.query(obs, lang), ids, reset))
         self.select_slots(self.retrieved)
 
-    @torch.no_grad()
-    def act(self, obs: dict[str, np.ndarray], ids: np.ndarray, reset: np.ndarray, task_id: int) -> np.ndarray:
-        """The base `act` per group of equal history length, so each group's slots match its rows."""
-        try:
-            return act_by_history_length(self, super().act, obs, ids, reset, task_id)
-        finally:
-            self.clear_slots()
-
-    def eval_step(self, batch: dict[str, Tensor], task_id: int) -> dict[str, Tensor]:
-        self._query_fifo = {}
-        try:
-            return super().eval_step(batch, task_id)
-        finally:
-            self._query_fifo = {}
+    def finish_step(self) -> None:
+        self.clear_slots()

@@ -34,28 +34,17 @@ the whole pool), and the usage counts are summed over the ranks.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cli.errors import ConfigError
-from cli.runtime import run_seed
-from lightning_modules.nn.robot.experts import ExpertLibrary
-from lightning_modules.robot.base import RobotImitationModule
-
-GROUPS = ("img", "extra", "fusion", "tem", "head")
-
-
-def check_groups(groups: tuple[str, ...], option: str = "model.groups") -> None:
-    """Raises a ConfigError for unknown layer groups."""
-    unknown = sorted(set(groups) - set(GROUPS))
-    if unknown:
-        raise ConfigError(f"{option}: unknown group(s) {unknown}; choose from {list(GROUPS)}")
+from lightning_modules.nn.robot.experts import GROUPS, ExpertLibrary, check_groups
+from lightning_modules.robot.base import RobotImitationModule, push_history, task_seed
 
 
 @contextmanager
@@ -67,33 +56,6 @@ def dropout_off(module: nn.Module) -> Iterator[None]:
         yield
     finally:
         module.train(was_training)
-
-
-def act_by_history_length(
-    module: RobotImitationModule,
-    act: Callable[[dict[str, np.ndarray], np.ndarray, np.ndarray, int], np.ndarray],
-    obs: dict[str, np.ndarray],
-    ids: np.ndarray,
-    reset: np.ndarray,
-    task_id: int,
-) -> np.ndarray:
-    """Calls the base `act` once per group of episodes whose token history will have the same length: the
-    base runs the transformer on one such group at a time, so per-sample selections made in
-    `prepare_step` then match the rows of every forward."""
-    ids, reset = np.asarray(ids), np.asarray(reset)
-    window = module.policy.window
-    lengths = np.array(
-        [
-            1 if r or i not in module._queue else min(len(module._queue[i]) + 1, window)
-            for i, r in zip(ids.tolist(), reset.tolist(), strict=True)
-        ]
-    )
-    actions = np.empty((len(ids), module.stream.action_dim), dtype=np.float32)
-    for n in np.unique(lengths):
-        rows = np.flatnonzero(lengths == n)
-        part = {k: np.asarray(v)[rows] for k, v in obs.items()}
-        actions[rows] = act(part, ids[rows], reset[rows], task_id)
-    return actions
 
 
 class L2M(RobotImitationModule):
@@ -135,10 +97,9 @@ class L2M(RobotImitationModule):
             merge="weight",
         )
         self.pool_size, self.pull_weight, self.count_penalty_steps = pool_size, pull_weight, count_penalty_steps
-        seed = run_seed() * 1_000_003 + 3_571
         for k in range(pool_size):  # standard LoRA: A kaiming-uniform, B = 0
-            self.library.init_expert(k, "kaiming", (seed + 7_919 * (k + 1)) % 2**63)
-        g = torch.Generator().manual_seed(seed % 2**63)
+            self.library.init_expert(k, "kaiming", task_seed(7_919, k, offset=3_571))
+        g = torch.Generator().manual_seed(task_seed(0, 0, offset=3_571))
         self.keys = nn.Parameter(torch.rand(pool_size, self.policy_config.embed_size, generator=g) * 2 - 1)
         self.register_buffer("usage", torch.zeros(pool_size))  # training selections per expert
         self.register_buffer("forward_passes", torch.zeros((), dtype=torch.long))
@@ -228,13 +189,10 @@ class L2M(RobotImitationModule):
     # -- rollouts -----------------------------------------------------------------------------
     def prepare_step(self, obs: dict[str, Tensor], lang: Tensor, ids: Tensor, reset: Tensor, task_id: int) -> None:
         """Selects each episode's expert from the frozen readout over its last `window` frozen-token steps
-        (mean over time; the task id is not used); the coefficients stay set for the rest of `act`."""
+        (mean over time; the task id is not used); the coefficients stay set until `finish_step`."""
         with self.library.disabled(), dropout_off(self.policy):
             tokens = self.policy.encode(obs, lang)[:, 0]
-            for row, (i, r) in enumerate(zip(ids.tolist(), reset.tolist(), strict=True)):
-                new = tokens[row : row + 1]
-                queue = new if r or i not in self._frozen_queue else torch.cat([self._frozen_queue[i], new])
-                self._frozen_queue[i] = queue[-self.policy.window :]
+            push_history(self._frozen_queue, ids, reset, tokens, self.policy.window)
             query = tokens.new_empty(len(tokens), tokens.shape[-1])
             lengths = torch.tensor([len(self._frozen_queue[i]) for i in ids.tolist()])
             for n in lengths.unique().tolist():
@@ -244,13 +202,8 @@ class L2M(RobotImitationModule):
         self.selected = self.select(self.similarities(query))
         self.library.set_coefficients(self.coefficients(self.selected))
 
-    @torch.no_grad()
-    def act(self, obs: dict[str, np.ndarray], ids: np.ndarray, reset: np.ndarray, task_id: int) -> np.ndarray:
-        """The base `act` per group of equal history length, so each group's selections match its rows."""
-        try:
-            return act_by_history_length(self, super().act, obs, ids, reset, task_id)
-        finally:
-            self.library.clear()
+    def finish_step(self) -> None:
+        self.library.clear()
 
     def eval_step(self, batch: dict[str, Tensor], task_id: int) -> dict[str, Tensor]:
         self._frozen_queue = {}

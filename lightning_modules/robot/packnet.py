@@ -24,8 +24,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from cli.errors import ConfigError
-from lightning_modules.robot.base import RobotImitationModule
-from lightning_modules.robot.er import end_of_task_seed, task_batches
+from lightning_modules.robot.base import RobotImitationModule, end_of_task_seed
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORMS = (nn.LayerNorm, nn.GroupNorm, _BatchNorm)
@@ -161,7 +160,7 @@ class PackNet(RobotImitationModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for epoch in range(self.post_prune_epochs):
-                for batch in task_batches(self, task_id, self.trainer.datamodule.batch_size, seed=seed + epoch):
+                for batch in self.task_batches(task_id, self.trainer.datamodule.batch_size, seed=seed + epoch):
                     optimizer.zero_grad(set_to_none=True)
                     with torch.enable_grad():
                         sum(self.training_terms(batch).values()).backward()
@@ -205,10 +204,6 @@ class PackNet(RobotImitationModule):
     def owned_weights(self, task_id: int) -> int:
         """How many masked weights task `task_id` owns."""
         return sum(int((owner == task_id + 1).sum()) for _, owner in self.masked_weights())
-
-    def added_parameters(self, task_id: int) -> int:
-        """Parameters added for task `task_id`: none (tasks share the network; see `owned_weights`)."""
-        return 0
 
     def added_memory(self, task_id: int) -> dict[str, int]:
         """Numbers stored for task `task_id`: the int16 owner masks, created once (task 0)."""

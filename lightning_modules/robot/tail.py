@@ -25,12 +25,10 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 
 from cli.errors import ConfigError
-from cli.runtime import run_seed
-from lightning_modules.robot.base import RobotImitationModule
+from lightning_modules.robot.base import RobotImitationModule, task_seed
 
 PARTS = ("lowdim", "film", "head")
 
@@ -103,17 +101,8 @@ class TAIL(RobotImitationModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        strategy = self.trainer.strategy
-        if (
-            self.variant == "task_id"
-            and self.trainer.world_size > 1
-            and isinstance(strategy, DDPStrategy)
-            and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False)
-        ):
-            raise ConfigError(
-                "trainer.strategy: TAIL (variant task_id) trains one task's adapter at a time; "
-                "use ddp_find_unused_parameters_true"
-            )
+        if self.variant == "task_id":
+            self.require_find_unused_parameters("TAIL (variant task_id) trains one task's adapter at a time")
 
     # -- switching tasks ----------------------------------------------------------------------------
     def _activate(self, name: str) -> None:
@@ -140,7 +129,7 @@ class TAIL(RobotImitationModule):
             self._load_parts(self.parts_store[task_id])
             self._activate(self.current_adapter)
         elif task_id > 0 and self.noise_std > 0:
-            g = torch.Generator().manual_seed(run_seed() * 1_000_003 + task_id)
+            g = torch.Generator().manual_seed(task_seed(1, task_id - 1))  # run_seed * 1,000,003 + task_id
             with torch.no_grad():
                 for p in self.trainable_parameters():
                     p.add_(torch.randn(p.shape, generator=g).to(p) * self.noise_std)

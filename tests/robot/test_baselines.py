@@ -23,7 +23,7 @@ from datamodules.robot.stream import EnvSpec, RobotTaskStream
 from lightning_modules import TAIL, PackNet, RobotER, RobotEWC
 from lightning_modules.nn.robot.policy import PolicyConfig
 from lightning_modules.robot import ewc as ewc_module
-from lightning_modules.robot.er import end_of_task_seed, task_batches
+from lightning_modules.robot.base import end_of_task_seed
 from lightning_modules.robot.ewc import ewc_penalty, minibatch_fisher
 from lightning_modules.robot.packnet import prune_smallest
 
@@ -270,7 +270,7 @@ def test_ewc_accumulates_the_fisher_online_and_penalises_moves_from_the_anchor(m
     params = list(m.policy.parameters())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(end_of_task_seed(1))
-        batches = task_batches(m, 1, BATCH, seed=end_of_task_seed(1), max_batches=2)
+        batches = m.task_batches(1, BATCH, seed=end_of_task_seed(1), max_batches=2)
         f1, _ = real(params, batches, m.bc_loss)
     f1 = torch.cat([f.flatten() for f in f1])
     assert torch.allclose(m.fisher, 0.9 * fisher0 + f1, rtol=1e-5, atol=1e-12)

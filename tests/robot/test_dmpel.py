@@ -256,6 +256,30 @@ def test_orthogonal_initialisation_of_later_experts():
     assert pool.A[1].abs().max() <= 1 / math.sqrt(pool.A[1].numel())
 
 
+@pytest.mark.parametrize("in_features, rank", [(1, 1), (2, 1), (2, 2)])
+def test_orthogonal_init_falls_back_to_kaiming_once_the_pool_spans_the_space(in_features, rank):
+    n = in_features * rank  # directions of the flattened A
+    pool = ExpertPool(in_features, 3, num_experts=n + 2, rank=rank)
+    g = torch.Generator().manual_seed(11)
+    for k in range(n + 2):
+        pool.init_expert(k, "ortho", g)
+    A = [a.detach().flatten().double() for a in pool.A]
+    for k in range(1, n):  # unit norm, orthogonal to the earlier experts, until the space is spanned
+        assert A[k].norm().item() == pytest.approx(1.0, abs=1e-6)
+        assert all(abs(torch.dot(A[k], A[j]).item()) < 1e-6 for j in range(k))
+    # Experts n and n + 1 have no direction left: kaiming-uniform, drawn after the Gaussian vector.
+    replay = torch.Generator().manual_seed(11)
+    bound = 1 / math.sqrt(n)
+    torch.empty(in_features, rank).uniform_(-bound, bound, generator=replay)  # expert 0
+    for _ in range(1, n):
+        torch.randn(n, generator=replay, dtype=torch.float64)
+    for k in (n, n + 1):
+        torch.randn(n, generator=replay, dtype=torch.float64)
+        expected = torch.empty(in_features, rank).uniform_(-bound, bound, generator=replay)
+        assert torch.isfinite(pool.A[k]).all() and torch.equal(pool.A[k].detach(), expected)
+    assert all(not b.any() for b in pool.B)
+
+
 class RandomWindows(ContinualDataModule):
     def __init__(self, stream: RobotTaskStream):
         super().__init__(batch_size=8, seed=0)

@@ -15,8 +15,9 @@ coefficients, or with the experts switched off, the layer is its base layer.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Literal
 
 import torch
@@ -27,6 +28,27 @@ from cli.errors import ConfigError
 
 MERGE_MODES = ("weight", "output")
 INIT_MODES = ("ortho", "kaiming")
+#: the foundation policy's layer groups that can get experts (see `FoundationPolicy.lora_targets`)
+GROUPS = ("img", "extra", "fusion", "tem", "head")
+
+
+def check_groups(groups: Iterable[str], option: str = "model.groups", allowed: tuple[str, ...] = GROUPS) -> None:
+    """Raises a ConfigError naming `option` for layer groups (or per-group keys) not in `allowed`."""
+    unknown = sorted(set(groups) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{option}: unknown group(s) {unknown}; choose from {list(allowed)}")
+
+
+def replace_linear(model: nn.Module, name: str, wrap: Callable[[nn.Linear], nn.Module]) -> nn.Module:
+    """Puts `wrap(layer)` in place of the `nn.Linear` called `name` inside `model`; returns the new module."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    base = getattr(parent, child)
+    if not isinstance(base, nn.Linear):
+        raise ValueError(f"{name} is a {type(base).__name__}, not an nn.Linear")
+    layer = wrap(base)
+    setattr(parent, child, layer)
+    return layer
 
 
 class ExpertPool(nn.Module):
@@ -41,12 +63,12 @@ class ExpertPool(nn.Module):
     def init_expert(self, k: int, mode: str, generator: torch.Generator) -> None:
         """B_k = 0; A_k kaiming-uniform (a = sqrt 5) over the (in, r) tensor (fan-in in*r) for the first
         expert or `mode="kaiming"`, else ("ortho") a Gaussian vector orthogonalised against the flattened
-        A of experts 0..k-1 and scaled to unit Frobenius norm."""
+        A of experts 0..k-1 and scaled to unit Frobenius norm. Once experts 0..k-1 already span the whole
+        in*r space (k >= in*r) no direction is left, and such an expert falls back to kaiming-uniform."""
         a, b = self.A[k], self.B[k]
         b.zero_()
         if k == 0 or mode == "kaiming":
-            bound = 1.0 / math.sqrt(a.numel())  # gain sqrt(2 / (1 + 5)) * sqrt(3 / fan_in)
-            a.copy_(torch.empty(a.shape).uniform_(-bound, bound, generator=generator))
+            self._kaiming(a, generator)
             return
         v = torch.randn(a.numel(), generator=generator, dtype=torch.float64)
         old = torch.stack([self.A[j].detach().double().cpu().flatten() for j in range(k)], dim=1)
@@ -54,7 +76,17 @@ class ExpertPool(nn.Module):
         q = q[:, r.diagonal().abs() > 1e-12]  # skip experts that are still zero
         for _ in range(2):  # twice: Gram-Schmidt reorthogonalisation for float accuracy
             v = v - q @ (q.T @ v)
-        a.copy_((v / v.norm()).view(a.shape))
+        norm = v.norm()
+        if q.shape[1] >= v.numel() or norm <= 1e-9 * math.sqrt(v.numel()):  # the pool spans the space
+            self._kaiming(a, generator)
+            return
+        a.copy_((v / norm).view(a.shape))
+
+    @staticmethod
+    def _kaiming(a: Tensor, generator: torch.Generator) -> None:
+        """Kaiming-uniform with a = sqrt 5 over the whole tensor: bound = gain sqrt(2 / (1 + 5)) * sqrt(3 / fan_in)."""
+        bound = 1.0 / math.sqrt(a.numel())
+        a.copy_(torch.empty(a.shape).uniform_(-bound, bound, generator=generator))
 
 
 class MoELoRALinear(nn.Module):
@@ -183,13 +215,16 @@ class ExpertLibrary:
                 continue
             self.layers[group], self.names[group] = [], []
             for name, slices in entries:
-                parent_name, _, child = name.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                base = getattr(parent, child)
-                if not isinstance(base, nn.Linear):
-                    raise ValueError(f"{name} is a {type(base).__name__}, not an nn.Linear")
-                layer = MoELoRALinear(base, num_experts, ranks[group], alphas[group], slices, merge, dropout)
-                setattr(parent, child, layer)
+                wrap = partial(
+                    MoELoRALinear,
+                    num_experts=num_experts,
+                    rank=ranks[group],
+                    alpha=alphas[group],
+                    slices=slices,
+                    merge=merge,
+                    dropout=dropout,
+                )
+                layer = replace_linear(model, name, wrap)
                 self.layers[group].append(layer)
                 self.names[group].append(name)
         if not self.layers:

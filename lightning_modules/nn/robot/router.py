@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cli.errors import ConfigError
+from lightning_modules.nn.robot.experts import ExpertLibrary
 
 
 class CoefficientRouter(nn.Module):
@@ -58,10 +59,16 @@ def query_dim(policy: nn.Module, obs_shapes: dict[str, tuple[int, ...]], lang_di
 
 
 @torch.no_grad()
-def routing_query(policy: nn.Module, obs: dict[str, Tensor], lang: Tensor) -> Tensor:
+def routing_query(
+    policy: nn.Module, obs: dict[str, Tensor], lang: Tensor, library: ExpertLibrary | None = None
+) -> Tensor:
     """(B, Q) router input of a window (spec 1.5): [instruction embedding | per camera, the window mean of
     the image encoder's feature | per low-dimensional key, its window mean]. For a state-only policy it is
-    the instruction plus the mean proprioceptive / object / goal state. Call it with the experts off."""
+    the instruction plus the mean proprioceptive / object / goal state. It must not depend on the experts:
+    pass the policy's expert `library` to switch them off for the pass (or call it with them off)."""
+    if library is not None:
+        with library.disabled():
+            return routing_query(policy, obs, lang)
     parts = [lang.float()]
     for k in policy.image_keys:
         x = obs[k]

@@ -160,6 +160,18 @@ class RobotImitationModule(ContinualModule):
             batch = {**batch, "obs": transform(batch["obs"])}
         return batch
 
+    def ordered_windows(self, task_id: int, batch_size: int, dataset=None, num_workers: int | None = None):
+        """Task `task_id`'s windows in order, without augmentation, with the module in eval mode while they
+        are read (DMPEL records its replay set, IsCiL its prototypes this way)."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield from self.task_batches(
+                task_id, batch_size, shuffle=False, seed=None, augment=False, dataset=dataset, num_workers=num_workers
+            )
+        finally:
+            self.train(was_training)
+
     def task_batches(
         self,
         task_id: int,

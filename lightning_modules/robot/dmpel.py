@@ -219,25 +219,11 @@ class DMPEL(RobotImitationModule):
     def record_coefficients(self, task_id: int, dataset: Dataset, num_workers: int = 0) -> tuple[Tensor, Tensor]:
         """Stores (query, router t's dense top-k coefficients) of task t's training windows (eval mode, no
         augmentation); a seeded `replay_sample_ratio` share of them. Returns the stored pair."""
-        was_training = self.training
-        self.eval()
         queries, targets = [], []
-        try:
-            batches = self.task_batches(
-                task_id,
-                self.record_batch_size,
-                shuffle=False,
-                seed=None,
-                augment=False,
-                dataset=dataset,
-                num_workers=num_workers,
-            )
-            for batch in batches:
-                q = self.query(batch["obs"], self.lang(batch["task"]))
-                queries.append(q[:, self.lang_dim :].cpu())
-                targets.append(self.routers[task_id].dense(q).cpu())
-        finally:
-            self.train(was_training)
+        for batch in self.ordered_windows(task_id, self.record_batch_size, dataset, num_workers):
+            q = self.query(batch["obs"], self.lang(batch["task"]))
+            queries.append(q[:, self.lang_dim :].cpu())
+            targets.append(self.routers[task_id].dense(q).cpu())
         queries_t, targets_t = torch.cat(queries), torch.cat(targets)
         keep = max(1, round(self.replay_sample_ratio * len(queries_t)))
         if keep < len(queries_t):

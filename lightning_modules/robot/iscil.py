@@ -290,23 +290,9 @@ class IsCiL(RobotImitationModule):
     @torch.no_grad()
     def window_queries(self, task_id: int, dataset: Dataset, num_workers: int = 0) -> Tensor:
         """(N, Q) queries of all of a task's training windows (eval mode, no augmentation), on the module's device."""
-        was_training = self.training
-        self.eval()
         queries = []
-        try:
-            batches = self.task_batches(
-                task_id,
-                self.query_batch_size,
-                shuffle=False,
-                seed=None,
-                augment=False,
-                dataset=dataset,
-                num_workers=num_workers,
-            )
-            for batch in batches:
-                queries.append(self.query(batch["obs"], self.lang(batch["task"])).float())
-        finally:
-            self.train(was_training)
+        for batch in self.ordered_windows(task_id, self.query_batch_size, dataset, num_workers):
+            queries.append(self.query(batch["obs"], self.lang(batch["task"])).float())
         return torch.cat(queries)
 
     def slot_similarities(self, queries: Tensor, upto: int | None = None) -> Tensor:

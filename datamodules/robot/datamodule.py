@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from cli.errors import ConfigError
 from datamodules.base import ContinualDataModule, TensorDictDataset
+from datamodules.robot.augment import CameraAugment
 from datamodules.robot.demos import DemoSettings, file_status, make_task_demos
 from datamodules.robot.envs import ACTION_DIM, METAWORLD_LOWDIM
 from datamodules.robot.hdf5 import DemoWindows, is_image_key, read_info
@@ -54,6 +55,7 @@ class RobotDataModule(ContinualDataModule):
     eval_seed: seed of the evaluation episodes' initial states (the demonstrations use demo_seed).
     demo_noise, demo_seed, demo_extra_steps: how Meta-World demos are made (see datamodules.robot.demos).
     eval_batch_size: episodes per evaluation batch (default: eval_episodes, one batch per task).
+    augment: augment camera images in training (datamodules.robot.augment: colour jitter, affine, shift).
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class RobotDataModule(ContinualDataModule):
         num_workers: int = 0,
         train_on: Literal["current", "seen", "all"] = "current",
         seed: int | None = None,
+        augment: bool = True,
     ):
         for option, value, least in (
             ("demos", demos, 1),
@@ -130,6 +133,9 @@ class RobotDataModule(ContinualDataModule):
             unknown = [k for k in self.obs_keys if k not in known]
             if unknown:
                 raise ConfigError(f"data.obs_keys: {unknown} are not Meta-World keys; valid keys are {known}")
+        cameras_used = [k for k in self.obs_keys if is_image_key(k)]
+        #: obs dict -> augmented obs dict (None without cameras); methods apply it to what they replay too
+        self.camera_augment = CameraAugment(cameras_used, image_size) if augment and cameras_used else None
         self._train: dict[int, DemoWindows] = {}
         self._shapes: tuple[tuple[str, tuple[int, ...]], ...] | None = None
 
@@ -187,7 +193,16 @@ class RobotDataModule(ContinualDataModule):
             action_dim=ACTION_DIM[self.suite.kind],
             window=self.window,
             env=self.env_spec,
+            train_transform=self.camera_augment,
         )
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Seeds the step's RNG (the base class), then augments the cameras of training batches."""
+        batch = super().on_after_batch_transfer(batch, dataloader_idx)
+        trainer = self.trainer
+        if self.camera_augment is not None and trainer is not None and trainer.training:
+            batch = {**batch, "obs": self.camera_augment.to(batch["actions"].device)(batch["obs"])}
+        return batch
 
     # -- data ---------------------------------------------------------------------------------------
     def prepare_data(self) -> None:

@@ -24,8 +24,8 @@ from datamodules.base import ContinualDataModule, TensorDictDataset
 from datamodules.robot.augment import CameraAugment
 from datamodules.robot.demos import DemoSettings, file_status, make_task_demos
 from datamodules.robot.envs import ACTION_DIM, METAWORLD_LOWDIM
-from datamodules.robot.hdf5 import DemoWindows, is_image_key, read_info
-from datamodules.robot.stream import EnvSpec, RobotTaskStream
+from datamodules.robot.hdf5 import DemoWindows, read_info
+from datamodules.robot.stream import EnvSpec, RobotTaskStream, is_image_key
 from datamodules.robot.suites import CAMERA_KEYS, LOWDIM_KEYS, resolve_suite
 
 #: per-suite defaults: steps per evaluation episode (and most steps per demonstration), settling steps

@@ -25,14 +25,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from cli.errors import ConfigError
+from datamodules.robot.stream import is_image_key
 
 _DEMO = re.compile(r"demo_(\d+)$")
 LAYOUT = "data/demo_<i>/obs/<key> and data/demo_<i>/actions (robomimic / LIBERO layout)"
-
-
-def is_image_key(key: str) -> bool:
-    """Camera observations are the `*_rgb` keys (LIBERO's naming, kept by the Meta-World demos)."""
-    return key.endswith("_rgb")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,11 @@ from dataclasses import dataclass, field
 from datamodules.base import TaskStream
 
 
+def is_image_key(key: str) -> bool:
+    """Camera keys end in `_rgb` (LIBERO's naming); every other observation key is low-dimensional."""
+    return key.endswith("_rgb")
+
+
 @dataclass(frozen=True)
 class EnvSpec:
     """How to build the simulator of each task (picklable: rollout worker processes receive it).
@@ -48,8 +53,8 @@ class RobotTaskStream(TaskStream):
 
     @property
     def image_keys(self) -> list[str]:
-        return [k for k, _ in self.obs_shapes if k.endswith("_rgb")]
+        return [k for k, _ in self.obs_shapes if is_image_key(k)]
 
     @property
     def lowdim_keys(self) -> list[str]:
-        return [k for k, _ in self.obs_shapes if not k.endswith("_rgb")]
+        return [k for k, _ in self.obs_shapes if not is_image_key(k)]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cli.errors import ConfigError
 from cli.runtime import run_seed
+from datamodules.robot.stream import is_image_key
 from lightning_modules.base import ContinualModule
 from lightning_modules.nn.robot.encoders import encode_instructions
 from lightning_modules.nn.robot.policy import FoundationPolicy, PolicyConfig
@@ -41,7 +43,7 @@ def to_policy_obs(obs: dict[str, np.ndarray], device: torch.device) -> dict[str,
     out = {}
     for k, v in obs.items():
         x = torch.as_tensor(np.asarray(v), device=device)
-        if k.endswith("_rgb"):
+        if is_image_key(k):
             x = x.permute(0, 3, 1, 2).float().div_(255)
         out[k] = x.float().unsqueeze(1)
     return out
@@ -56,6 +58,17 @@ def task_seed(salt: int, task_id: int, offset: int = 0) -> int:
 def end_of_task_seed(task_id: int) -> int:
     """Seed of the passes a method makes over task `task_id` at its end (EWC's Fisher, PackNet's fine-tuning)."""
     return task_seed(7_919, task_id)
+
+
+@contextmanager
+def module_mode(module: torch.nn.Module, training: bool) -> Iterator[None]:
+    """Runs the block with `module` in train (True) or eval (False) mode; its previous mode is restored after."""
+    was_training = module.training
+    module.train(training)
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 def push_history(history: dict[int, Tensor], ids: Any, reset: Any, values: Tensor, window: int) -> list[Tensor]:
@@ -163,14 +176,10 @@ class RobotImitationModule(ContinualModule):
     def ordered_windows(self, task_id: int, batch_size: int, dataset=None, num_workers: int | None = None):
         """Task `task_id`'s windows in order, without augmentation, with the module in eval mode while they
         are read (DMPEL records its replay set, IsCiL its prototypes this way)."""
-        was_training = self.training
-        self.eval()
-        try:
+        with module_mode(self, False):
             yield from self.task_batches(
                 task_id, batch_size, shuffle=False, seed=None, augment=False, dataset=dataset, num_workers=num_workers
             )
-        finally:
-            self.train(was_training)
 
     def task_batches(
         self,
@@ -187,14 +196,22 @@ class RobotImitationModule(ContinualModule):
         `task_id`), for end-of-task passes: EWC's Fisher, PackNet's fine-tuning, DMPEL's recorded
         coefficients, IsCiL's queries. The order depends on `seed` alone, so every rank sees the same batches
         (None: no generator of its own, the loader's worker seed comes from the global RNG; for ordered
-        passes). `dataset` / `num_workers` default to the datamodule's `train_dataset(task_id)` / workers."""
-        data = self.trainer.datamodule if dataset is None or num_workers is None else None
+        passes). Without `dataset`: the datamodule's `train_dataset(task_id)` and its workers; with one: no
+        workers unless `num_workers` says so."""
+        if dataset is None:
+            data = self.trainer.datamodule
+            if not callable(getattr(data, "train_dataset", None)):
+                raise ConfigError(
+                    f"data: {type(self).__name__} reads task windows from `train_dataset(t)`; use a robot datamodule"
+                )
+            dataset = data.train_dataset(task_id)
+            num_workers = getattr(data, "num_workers", 0) if num_workers is None else num_workers
         loader = DataLoader(
-            data.train_dataset(task_id) if dataset is None else dataset,
+            dataset,
             batch_size=batch_size,
             shuffle=shuffle,
             generator=None if seed is None else torch.Generator().manual_seed(seed),
-            num_workers=getattr(data, "num_workers", 0) if num_workers is None else num_workers,
+            num_workers=num_workers or 0,
         )
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:

@@ -194,11 +194,7 @@ class DMPEL(RobotImitationModule):
 
     def on_task_end(self, task_id: int) -> None:
         """Records task t's coefficients on all its training windows, then (t > 0) replays them into router t."""
-        datamodule = self.trainer.datamodule
-        if not callable(getattr(datamodule, "train_dataset", None)):
-            raise ConfigError("data: DMPEL records coefficients from `train_dataset(t)`; use a robot datamodule")
-        workers = getattr(datamodule, "num_workers", 0)
-        self.record_coefficients(task_id, datamodule.train_dataset(task_id), num_workers=workers)
+        self.record_coefficients(task_id)
         if task_id > 0:
             self.replay_router(task_id)
 
@@ -216,9 +212,12 @@ class DMPEL(RobotImitationModule):
 
     # -- coefficient replay -------------------------------------------------------------------
     @torch.no_grad()
-    def record_coefficients(self, task_id: int, dataset: Dataset, num_workers: int = 0) -> tuple[Tensor, Tensor]:
+    def record_coefficients(
+        self, task_id: int, dataset: Dataset | None = None, num_workers: int | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Stores (query, router t's dense top-k coefficients) of task t's training windows (eval mode, no
-        augmentation); a seeded `replay_sample_ratio` share of them. Returns the stored pair."""
+        augmentation; `dataset`: the datamodule's by default); a seeded `replay_sample_ratio` share of them.
+        Returns the stored pair."""
         queries, targets = [], []
         for batch in self.ordered_windows(task_id, self.record_batch_size, dataset, num_workers):
             q = self.query(batch["obs"], self.lang(batch["task"]))

@@ -38,7 +38,6 @@ class RobotER(RobotImitationModule):
         self.buffer_windows = buffer_windows
         # n_t: task t's first n_t windows are in the buffer (the whole buffer; identical on every rank).
         self.register_buffer("replay_counts", torch.zeros(self.num_tasks, dtype=torch.long))
-        self._datasets: dict[int, Dataset] = {}
 
     def kept_windows(self, num_windows: int) -> int:
         """How many of a task's `num_windows` windows the buffer keeps (share 0.2: num_windows // 5, at least 1)."""
@@ -55,9 +54,7 @@ class RobotER(RobotImitationModule):
         self.replay_counts[task_id] = self.kept_windows(len(self._dataset(task_id)))
 
     def _dataset(self, task_id: int) -> Dataset:
-        if task_id not in self._datasets:
-            self._datasets[task_id] = self.trainer.datamodule.train_dataset(task_id)
-        return self._datasets[task_id]
+        return self.trainer.datamodule.train_dataset(task_id)  # the datamodule keeps its readers open
 
     def replay_batch(self, size: int) -> dict[str, Any]:
         """`size` windows drawn uniformly (with replacement) from the buffer, with the global RNG (which

@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parameters_to_vector
 
 from cli.errors import ConfigError
-from lightning_modules.robot.base import RobotImitationModule, end_of_task_seed
+from lightning_modules.robot.base import RobotImitationModule, end_of_task_seed, module_mode
 
 
 def minibatch_fisher(params: list[nn.Parameter], batches: Iterable[Any], mean_nll: Any) -> tuple[list[Tensor], int]:
@@ -89,14 +90,12 @@ class RobotEWC(RobotImitationModule):
             task_id, batch_size, seed=end_of_task_seed(task_id), max_batches=self.fisher_batches
         )
         params = list(self.policy.parameters())
-        was_training = self.policy.training
-        self.policy.train()  # the reference estimates in train mode (dropout on, augmentation on)
-        with torch.random.fork_rng(devices=[]):
+        # The reference estimates in train mode (dropout on, augmentation on).
+        with module_mode(self.policy, True), torch.random.fork_rng(devices=[]):
             torch.manual_seed(end_of_task_seed(task_id))
             fisher, _ = minibatch_fisher(params, batches, self.bc_loss)
-        self.policy.train(was_training)
-        self.fisher.mul_(self.gamma).add_(torch.cat([f.flatten() for f in fisher]))
-        self.anchor.copy_(torch.cat([p.detach().flatten() for p in params]))
+        self.fisher.mul_(self.gamma).add_(parameters_to_vector(fisher))
+        self.anchor.copy_(parameters_to_vector(params).detach())
 
     def added_memory(self, task_id: int) -> dict[str, int]:
         """Numbers stored for task `task_id`: the running Fisher and the anchor, created once (task 0)."""

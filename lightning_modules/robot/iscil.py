@@ -252,14 +252,11 @@ class IsCiL(RobotImitationModule):
         Without a trainer (direct use) call `prepare_task` yourself."""
         super().on_task_start(task_id)
         if not bool(self.prototype_ready[task_id]) and self._trainer is not None:
-            datamodule = self.trainer.datamodule
-            if not callable(getattr(datamodule, "train_dataset", None)):
-                raise ConfigError("data: IsCiL builds prototypes from `train_dataset(t)`; use a robot datamodule")
-            self.prepare_task(task_id, datamodule.train_dataset(task_id), getattr(datamodule, "num_workers", 0))
+            self.prepare_task(task_id)
         ExpertFreezing.apply(self, task_id)
 
     @torch.no_grad()
-    def prepare_task(self, task_id: int, dataset: Dataset, num_workers: int = 0) -> Tensor:
+    def prepare_task(self, task_id: int, dataset: Dataset | None = None, num_workers: int | None = None) -> Tensor:
         """Start of task t: for t > 0, slot t copies the slot retrieved most often (ties: the lowest) for
         t's windows among the slots of tasks 0..t-1; then t's prototypes are written. Returns the retrieval
         counts per slot (zeros at task 0)."""
@@ -288,8 +285,9 @@ class IsCiL(RobotImitationModule):
         return routing_query(self.policy, obs, lang, self.library)
 
     @torch.no_grad()
-    def window_queries(self, task_id: int, dataset: Dataset, num_workers: int = 0) -> Tensor:
-        """(N, Q) queries of all of a task's training windows (eval mode, no augmentation), on the module's device."""
+    def window_queries(self, task_id: int, dataset: Dataset | None = None, num_workers: int | None = None) -> Tensor:
+        """(N, Q) queries of all of a task's training windows (eval mode, no augmentation; `dataset`: the
+        datamodule's by default), on the module's device."""
         queries = []
         for batch in self.ordered_windows(task_id, self.query_batch_size, dataset, num_workers):
             queries.append(self.query(batch["obs"], self.lang(batch["task"])).float())

@@ -34,8 +34,6 @@ the whole pool), and the usage counts are summed over the ranks.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -44,18 +42,7 @@ from torch import Tensor, nn
 
 from cli.errors import ConfigError
 from lightning_modules.nn.robot.experts import GROUPS, ExpertLibrary, check_groups
-from lightning_modules.robot.base import RobotImitationModule, push_history, task_seed
-
-
-@contextmanager
-def dropout_off(module: nn.Module) -> Iterator[None]:
-    """Forwards inside run `module` in eval mode; its previous mode is restored afterwards."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
+from lightning_modules.robot.base import RobotImitationModule, module_mode, push_history, task_seed
 
 
 class L2M(RobotImitationModule):
@@ -127,7 +114,7 @@ class L2M(RobotImitationModule):
     # -- selection ----------------------------------------------------------------------------
     def query(self, obs: dict[str, Tensor], lang: Tensor) -> Tensor:
         """(B, E): the frozen policy's readout of each window (experts and dropout off), mean over time."""
-        with torch.no_grad(), self.library.disabled(), dropout_off(self.policy):
+        with torch.no_grad(), self.library.disabled(), module_mode(self.policy, False):
             return self.policy.temporal(self.policy.encode(obs, lang)).mean(1)
 
     def similarities(self, query: Tensor) -> Tensor:
@@ -190,7 +177,7 @@ class L2M(RobotImitationModule):
     def prepare_step(self, obs: dict[str, Tensor], lang: Tensor, ids: Tensor, reset: Tensor, task_id: int) -> None:
         """Selects each episode's expert from the frozen readout over its last `window` frozen-token steps
         (mean over time; the task id is not used); the coefficients stay set until `finish_step`."""
-        with self.library.disabled(), dropout_off(self.policy):
+        with self.library.disabled(), module_mode(self.policy, False):
             tokens = self.policy.encode(obs, lang)[:, 0]
             push_history(self._frozen_queue, ids, reset, tokens, self.policy.window)
             query = tokens.new_empty(len(tokens), tokens.shape[-1])

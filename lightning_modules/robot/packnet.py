@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from cli.errors import ConfigError
-from lightning_modules.robot.base import RobotImitationModule, end_of_task_seed
+from lightning_modules.robot.base import RobotImitationModule, end_of_task_seed, module_mode
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORMS = (nn.LayerNorm, nn.GroupNorm, _BatchNorm)
@@ -155,9 +155,7 @@ class PackNet(RobotImitationModule):
         optimizer = self._optimizer_factory(params)
         clip, algorithm = self.trainer.gradient_clip_val, self.trainer.gradient_clip_algorithm
         seed = end_of_task_seed(task_id)
-        was_training = self.training
-        self.train()
-        with torch.random.fork_rng(devices=[]):
+        with module_mode(self, True), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for epoch in range(self.post_prune_epochs):
                 for batch in self.task_batches(task_id, self.trainer.datamodule.batch_size, seed=seed + epoch):
@@ -173,7 +171,6 @@ class PackNet(RobotImitationModule):
                     optimizer.step()
                     self.restore_frozen()
         optimizer.zero_grad(set_to_none=True)
-        self.train(was_training)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             for p in params:
                 torch.distributed.broadcast(p.data, src=0)

@@ -510,21 +510,26 @@ class RecordRanks(ContinualCallback):
         torch.save(pl_module.state_dict(), os.path.join(self.out, f"final_rank{trainer.global_rank}.pt"))
 
 
-def fit_under_ddp(strategy: str, out: str) -> None:
-    """Two CPU processes, two tasks of three steps (run by `test_ddp_keeps_ranks_in_sync` in a subprocess)."""
-    m = make_module(replay_epochs=2, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1))
+def fit_two_ranks(module: nn.Module, strategy: str, recorder: ContinualCallback) -> None:
+    """Two CPU processes, two tasks of three steps, `recorder` saving what the test compares."""
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
         strategy=strategy,
         max_epochs=2,
-        callbacks=[TaskSwitch(steps_per_task=3), ExpertFreezing(), RecordRanks(out)],
+        callbacks=[TaskSwitch(steps_per_task=3), ExpertFreezing(), recorder],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(m, datamodule=RandomWindows(m.stream))
+    trainer.fit(module, datamodule=RandomWindows(module.stream))
+
+
+def fit_under_ddp(strategy: str, out: str) -> None:
+    """Run by `test_ddp_keeps_ranks_in_sync` in a subprocess."""
+    m = make_module(replay_epochs=2, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1))
+    fit_two_ranks(m, strategy, RecordRanks(out))
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from cli.errors import ConfigError
 from lightning_modules.nn.robot.policy import PolicyConfig
 from lightning_modules.robot.iscil import IsCiL, SlotLinear, kmeans
 from lightning_modules.robot.l2m import L2M
-from tests.robot.test_dmpel import ACTION, LOWDIM, WINDOW, RandomWindows, Windows, batch_of, make_stream
+from tests.robot.test_dmpel import ACTION, LOWDIM, WINDOW, RandomWindows, Windows, batch_of, fit_two_ranks, make_stream
 
 CONFIG = dict(embed_size=32, num_layers=2, num_heads=2, mlp_dim=64, film_hidden=32, gmm_hidden=32)
 
@@ -431,20 +431,10 @@ class SaveState(ContinualCallback):
 
 
 def fit_iscil_under_ddp(out: str) -> None:
-    """Two CPU processes, two tasks of three steps (run by the DDP test in a subprocess)."""
-    m = make(IsCiL, prototypes=3, kmeans_init=2, optimizer=adamw)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_find_unused_parameters_true",
-        max_epochs=2,
-        callbacks=[TaskSwitch(steps_per_task=3), ExpertFreezing(), SaveState(out)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+    """Run by the DDP test in a subprocess."""
+    fit_two_ranks(
+        make(IsCiL, prototypes=3, kmeans_init=2, optimizer=adamw), "ddp_find_unused_parameters_true", SaveState(out)
     )
-    trainer.fit(m, datamodule=RandomWindows(m.stream))
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
 from cli.errors import ConfigError
+from datamodules.robot.stream import is_image_key
 from lightning_modules.nn.robot.encoders import build_image_encoder
 
 
@@ -176,8 +177,8 @@ class FoundationPolicy(nn.Module):
         super().__init__()
         self.config = config
         e = config.embed_size
-        self.lowdim_keys = [k for k in obs_shapes if not k.endswith("_rgb")]
-        self.image_keys = [k for k in obs_shapes if k.endswith("_rgb")]
+        self.lowdim_keys = [k for k in obs_shapes if not is_image_key(k)]
+        self.image_keys = [k for k in obs_shapes if is_image_key(k)]
         if not self.lowdim_keys:
             raise ConfigError("data.obs_keys: the policy reads its output at a low-dimensional token; add one")
         self.lowdim = nn.ModuleDict(

@@ -6,12 +6,15 @@
 
 `sample` also composes several concepts: `--concept cat --concept cup --mask cat.png --mask cup.png
 --prompt "..." --prompt "..." --background "..."` (one region prompt and one mask file per concept).
+Every file is written to a temporary name and renamed when complete (`cli.files`); `export --out` must be a
+new file or a regular file to replace, never a folder or a device.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from typing import Any
 import torch
 
 from cli.errors import ConfigError
+from cli.files import atomic_write, check_output_file
 
 
 def _fail(message: str) -> None:
@@ -26,13 +30,32 @@ def _fail(message: str) -> None:
     raise SystemExit(2)
 
 
-def _parser(description: str):
+def _parser(prog: str, description: str):
     from jsonargparse import ArgumentParser
 
-    parser = ArgumentParser(description=description, exit_on_error=False)
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
     parser.add_argument("-c", "--config", action="append", required=True, help="the experiment's YAML (repeatable)")
     parser.add_argument("--set", action="append", default=[], help="extra CLI overrides, e.g. --set=--data.root=x")
     return parser
+
+
+def _parse(parser, argv: list[str]):
+    """`parser.parse_args(argv)`, with jsonargparse's error (a traceback, or several lines) as one ConfigError
+    line naming the option."""
+    from jsonargparse import ArgumentError
+
+    try:
+        return parser.parse_args(argv)
+    except ArgumentError as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or ["invalid arguments"]
+        missing = re.match(r"the following arguments are required: (.+)", lines[0])
+        if missing:
+            names = [f"--{n.strip()}" for n in missing.group(1).split(",")]
+            raise ConfigError(f"{' and '.join(names)} missing: see {parser.prog} --help") from None
+        key = re.match(r'Parser key "([^"]+)":', lines[0])
+        if key and len(lines) > 1:
+            raise ConfigError(f"--{key.group(1)}: {lines[1]}") from None
+        raise ConfigError(lines[0]) from None
 
 
 def build(configs: list[str], extra: list[str] = ()) -> tuple[Any, Any]:
@@ -86,16 +109,17 @@ def _concept_index(datamodule, concept: str) -> int:
     raise ConfigError(f"--concept {concept!r} is not one of {names}")
 
 
-def _save_png(image: torch.Tensor, path: Path) -> None:
+def _save_png(image: torch.Tensor, path: Path, option: str) -> None:
+    """Writes `image` ([3, H, W] in [0, 1]) as a PNG, through a temporary file renamed when complete."""
     from PIL import Image
 
     array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    Image.fromarray(array).save(path)
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"), option)
 
 
 def sample(argv: list[str]) -> None:
     """`lifelong sample`: images for prompts, routed to a concept (or composed from several), as PNGs."""
-    parser = _parser("Sample images from a trained concept model.")
+    parser = _parser("lifelong sample", "Sample images from a trained concept model.")
     parser.add_argument("--ckpt_path", type=str | None, default=None)
     parser.add_argument("--delta", type=str | None, default=None)
     parser.add_argument("--prompt", action="append", required=True, help='"{}" becomes "<token> <class>"')
@@ -103,20 +127,22 @@ def sample(argv: list[str]) -> None:
     parser.add_argument("--gate_prompt", type=str | None, default=None, help="route by this text instead")
     parser.add_argument("--mask", action="append", default=[], help="one mask image per concept (composition)")
     parser.add_argument("--background", type=str, default="", help="background prompt (composition)")
-    parser.add_argument("--out", type=str, required=True)
+    parser.add_argument("--out", type=str, required=True, help="folder the PNGs go to")
     parser.add_argument("--num_images", type=int, default=4)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance_scale", type=float, default=6.0)
     parser.add_argument("--eta", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=42)
     try:
-        cfg = parser.parse_args(argv)
+        cfg = _parse(parser, argv)
+        out = Path(cfg.out)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out}: exists and is not a folder; choose a folder for the images")
         model, datamodule = build(cfg.config, cfg.set)
         load_weights(model, cfg.ckpt_path, cfg.delta)
         model.eval()
         stream = model.stream
         indices = [_concept_index(datamodule, c) for c in cfg.concept]
-        out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
         settings = dict(num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, eta=cfg.eta)
         if cfg.mask:
@@ -136,7 +162,7 @@ def sample(argv: list[str]) -> None:
                 names += [f"prompt{p:02d}_{i:02d}.png" for i in range(cfg.num_images)]
             images = torch.cat(images)
         for image, name in zip(images, names, strict=True):
-            _save_png(image, out / name)
+            _save_png(image, out / name, "--out")
     except ConfigError as err:
         _fail(str(err))
     print(f"wrote {len(names)} images to {out}")
@@ -158,26 +184,24 @@ def export(argv: list[str]) -> None:
     """`lifelong export`: the method's delta (experts, routers, token rows, ...) as safetensors."""
     from safetensors.torch import save_file
 
-    parser = _parser("Export what a concept model learned (its delta) to a safetensors file.")
-    parser.add_argument("--ckpt_path", type=str, required=True)
-    parser.add_argument("--out", type=str, required=True)
+    parser = _parser("lifelong export", "Export what a concept model learned (its delta) to a safetensors file.")
+    parser.add_argument("--ckpt_path", type=str, required=True, help="the fit checkpoint (checkpoints/last.ckpt)")
+    parser.add_argument("--out", type=str, required=True, help="the .safetensors file: new, or a file to replace")
     try:
-        cfg = parser.parse_args(argv)
+        cfg = _parse(parser, argv)
+        check_output_file(cfg.out, "--out")  # before the model is built
         model, _ = build(cfg.config, cfg.set)
         load_weights(model, cfg.ckpt_path, None)
+        delta = {k: v.detach().contiguous().cpu() for k, v in model.delta_state_dict().items()}
+        metadata = {
+            "method": type(model).__name__,
+            "concepts": json.dumps(list(model.stream.task_names)),
+            "tokens": json.dumps(list(model.stream.tokens)),
+            "base": str(model.hparams.pretrained_model_name_or_path),
+        }
+        atomic_write(cfg.out, lambda tmp: save_file(delta, tmp, metadata=metadata), "--out")
     except ConfigError as err:
         _fail(str(err))
-    delta = {k: v.detach().contiguous().cpu() for k, v in model.delta_state_dict().items()}
-    metadata = {
-        "method": type(model).__name__,
-        "concepts": json.dumps(list(model.stream.task_names)),
-        "tokens": json.dumps(list(model.stream.tokens)),
-        "base": str(model.hparams.pretrained_model_name_or_path),
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    tmp = cfg.out + ".tmp"
-    save_file(delta, tmp, metadata=metadata)
-    os.replace(tmp, cfg.out)
     params = sum(v.numel() for v in delta.values())
     print(f"wrote {cfg.out}: {len(delta)} tensors, {params:,} values, {os.path.getsize(cfg.out):,} bytes")
 
@@ -185,14 +209,14 @@ def export(argv: list[str]) -> None:
 def make_reg(argv: list[str]) -> None:
     """`lifelong make-reg`: regularisation images of every concept's class, from the base model
     ("<token> <class>" with the untrained token, 50 DDIM steps, eta 1, CFG 6, as the released script)."""
-    parser = _parser("Generate regularisation images with the base model.")
+    parser = _parser("lifelong make-reg", "Generate regularisation images with the base model.")
     parser.add_argument("--num_images", type=int, default=25)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance_scale", type=float, default=6.0)
     parser.add_argument("--seed", type=int, default=0)
     try:
-        cfg = parser.parse_args(argv)
+        cfg = _parse(parser, argv)
         model, datamodule = build(cfg.config, [*cfg.set, "--data.init_args.prior_preservation", "false"])
     except ConfigError as err:
         _fail(str(err))
@@ -201,21 +225,24 @@ def make_reg(argv: list[str]) -> None:
     model.eval()
     stream = model.stream
     folders = datamodule.regularisation_folders()
-    for cls, folder in folders.items():
-        k = stream.classes.index(cls)  # the first concept of the class: its untrained token
-        folder.mkdir(parents=True, exist_ok=True)
-        start = len(list(folder.glob("*.png")))
-        prompt = f"{stream.tokens[k]} {cls}"
-        for first in range(start, cfg.num_images, cfg.batch_size):
-            n = min(cfg.batch_size, cfg.num_images - first)
-            images = model.generate(
-                [prompt] * n,
-                None,
-                seed=cfg.seed + first,
-                num_inference_steps=cfg.steps,
-                guidance_scale=cfg.guidance_scale,
-                eta=1.0,
-            )
-            for i, image in enumerate(images):
-                _save_png(image, folder / f"{first + i:04d}.png")
-        print(f"{folder}: {max(cfg.num_images, start)} images of '{cls}'")
+    try:
+        for cls, folder in folders.items():
+            k = stream.classes.index(cls)  # the first concept of the class: its untrained token
+            folder.mkdir(parents=True, exist_ok=True)
+            start = len(list(folder.glob("*.png")))
+            prompt = f"{stream.tokens[k]} {cls}"
+            for first in range(start, cfg.num_images, cfg.batch_size):
+                n = min(cfg.batch_size, cfg.num_images - first)
+                images = model.generate(
+                    [prompt] * n,
+                    None,
+                    seed=cfg.seed + first,
+                    num_inference_steps=cfg.steps,
+                    guidance_scale=cfg.guidance_scale,
+                    eta=1.0,
+                )
+                for i, image in enumerate(images):
+                    _save_png(image, folder / f"{first + i:04d}.png", "data.reg_root")
+            print(f"{folder}: {max(cfg.num_images, start)} images of '{cls}'")
+    except ConfigError as err:
+        _fail(str(err))

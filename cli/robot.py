@@ -4,7 +4,9 @@
     lifelong make-demos --tasks reach-v3 --tasks push-v3 --out DIR
 
 Files are `DIR/<env name>.hdf5` (the layout `datamodules.robot.demos` describes); a task whose file is
-already complete for these settings is skipped, so an interrupted run resumes where it stopped. Training
+already complete for these settings is skipped, so an interrupted run resumes where it stopped. A file in DIR
+is never replaced unless `--replace_stale true` is given and it is one this command made with other settings
+or fewer demos; an unreadable file, or one made elsewhere, is reported and left as it is. Training
 runs make the same files on first use (`RobotDataModule.prepare_data`), so this command is only needed to
 make them ahead of time or elsewhere.
 """
@@ -44,6 +46,13 @@ def _parser():
     parser.add_argument("--image_size", type=int, default=d.image_size, help="corner camera size (0: no images)")
     parser.add_argument("--max_attempts", type=int, default=d.max_attempts, help="give up after this x demos episodes")
     parser.add_argument("--progress", type=bool, default=True, help="show a progress bar")
+    parser.add_argument(
+        "--replace_stale",
+        type=bool,
+        default=False,
+        help="make again the files in --out that this command made with other settings or fewer demos "
+        "(default: refuse and name them); other files are never replaced",
+    )
     return parser
 
 
@@ -66,7 +75,7 @@ def make_demos(argv: list[str]) -> None:
             image_size=cfg.image_size,
             max_attempts=cfg.max_attempts,
         )
-        make_suite_demos(suite, cfg.out, settings, progress=cfg.progress)
+        make_suite_demos(suite, cfg.out, settings, progress=cfg.progress, replace_stale=cfg.replace_stale)
     except ConfigError as err:
         _fail(str(err))
     except ArgumentError as err:

@@ -5,8 +5,10 @@ the method's `eval_step` plays in the simulator (one batch = every episode of a 
 Meta-World suites make their demonstrations with the scripted experts on first use (`prepare_data`, once
 per node), into `root` or, when `root` is None, into a cache shared by every suite and run:
 `$XDG_CACHE_HOME/lifelong/metaworld/<recipe>/<env name>.hdf5` (`~/.cache` without XDG_CACHE_HOME), where
-`<recipe>` names the generation settings (seed, horizon, noise, extra steps, image size). LIBERO suites read
-LIBERO's download: `root/<suite>/<task name>_demo.hdf5`.
+`<recipe>` names the generation settings (seed, horizon, noise, extra steps, image size). Only that cache's
+files are ever made again (when stale: made there with fewer demos, say); a file in `root` that is unreadable
+or was made with other settings stops the run with one line, untouched. LIBERO suites read LIBERO's download:
+`root/<suite>/<task name>_demo.hdf5`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch.utils.data import Dataset
 from cli.errors import ConfigError
 from datamodules.base import ContinualDataModule, TensorDictDataset
 from datamodules.robot.augment import CameraAugment
-from datamodules.robot.demos import DemoSettings, file_status, make_task_demos
+from datamodules.robot.demos import DemoSettings, file_status, make_task_demos, stale_reason
 from datamodules.robot.envs import ACTION_DIM, METAWORLD_LOWDIM
 from datamodules.robot.hdf5 import DemoWindows, read_info
 from datamodules.robot.stream import EnvSpec, RobotTaskStream, is_image_key
@@ -122,6 +124,8 @@ class RobotDataModule(ContinualDataModule):
                 image_size=image_size,
             )
         self.root = Path(root) if root is not None else default_cache() / self.settings.folder_name()
+        #: the suite's own cache, where stale demonstration files are made again (never in a folder the user named)
+        self.in_cache = root is None
         cameras = CAMERA_KEYS[kind] if image_size > 0 else ()
         self.obs_keys = tuple(obs_keys) if obs_keys is not None else LOWDIM_KEYS[kind] + cameras
         if not self.obs_keys:
@@ -206,8 +210,11 @@ class RobotDataModule(ContinualDataModule):
 
     # -- data ---------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Meta-World: makes the demonstration files that are missing, or that were made here with other
-        settings or fewer demos (files made elsewhere are used as they are). LIBERO: checks they exist."""
+        """Meta-World: makes the demonstration files that are missing and, in the suite's own cache only
+        (root None), those made there with other settings or fewer demos. Files in a folder the user named are
+        never replaced: a stale or unreadable one stops the run with a line naming it, before any episode is
+        played; files made elsewhere are used as they are. LIBERO: checks they exist."""
+        todo = []
         for t, name in enumerate(self.task_names):
             path = self.demo_file(t)
             if self.settings is None:
@@ -217,10 +224,20 @@ class RobotDataModule(ContinualDataModule):
                         "into data.root"
                     )
                 continue
-            if file_status(path, name, self.settings) in ("missing", "stale"):
-                rank_zero_info(f"Making {self.demos} demonstrations of {name} with the scripted expert -> {path}")
-                r = make_task_demos(self.suite, t, self.root, self.settings)
-                rank_zero_info(f"{name}: {r.demos} demos from {r.attempts} episodes, mean length {r.mean_length:.1f}")
+            status = file_status(path, name, self.settings)
+            if status == "stale" and not self.in_cache:
+                raise ConfigError(
+                    f"{path}: {stale_reason(path, name, self.settings)}; files in data.root are never replaced: "
+                    "delete it, or set data.root to another folder (or null, for the cache)"
+                )
+            if status in ("missing", "stale"):
+                todo.append((t, name, path))
+        for t, name, path in todo:
+            rank_zero_info(f"Making {self.demos} demonstrations of {name} with the scripted expert -> {path}")
+            r = make_task_demos(
+                self.suite, t, self.root, self.settings, replace_stale=self.in_cache, option="data.root"
+            )
+            rank_zero_info(f"{name}: {r.demos} demos from {r.attempts} episodes, mean length {r.mean_length:.1f}")
 
     def setup(self, stage: str | None = None) -> None:
         for t in range(self.num_tasks):

@@ -17,7 +17,10 @@ again, flat, to tell whether a file can be reused), `num_demos`, `total`, `macro
 ("opencv": camera rows run top to bottom, as MuJoCo frames come out of gymnasium's renderer);
 `data/demo_i` attributes `num_samples`, `episode`, `init_state`, datasets `obs/<key>`, `actions`,
 `states` (qpos and qvel), `rewards` and `dones` (uint8, 1 at the last step only, as LIBERO stores them).
-Files are written to a temporary name and renamed when complete, so a file that exists is whole.
+Files are written to a temporary name and renamed when complete, so a file that exists is whole. A file
+that is not a readable demonstration file, or one made elsewhere, is never replaced; nor is a stale one (ours,
+made with other settings or fewer demos) unless the caller says so: the datamodule's own cache, or
+`make-demos --replace_stale true`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from cli.errors import ConfigError
+from cli.files import check_output_file, temporary_name
 from datamodules.robot.suites import CAMERA_KEYS, LOWDIM_KEYS, Suite
 
 
@@ -110,28 +114,67 @@ def env_spec(suite: Suite, settings: DemoSettings):
     )
 
 
-def file_status(path: str | os.PathLike, env_name: str, settings: DemoSettings) -> str:
-    """One of "missing"; "complete" (at least `settings.demos` demos of `env_name` made with the same recipe);
-    "stale" (made here with another recipe, fewer demos, or unreadable); "foreign" (a demo file made
-    elsewhere, without our `generator` attribute: used as it is, never replaced by the datamodule)."""
+def _made_with(path: str | os.PathLike) -> dict | None:
+    """The `env_name`, `recipe` and `num_demos` our generator stored in the file; None for a demo file made
+    elsewhere (no `generator` attribute). A file that is not a readable demonstration file is a ConfigError
+    naming it: it may be the user's, so nothing here ever replaces it."""
     import h5py
 
+    def unreadable(why: str) -> ConfigError:
+        return ConfigError(
+            f"{path}: not a readable demonstration file ({why}); it is left as it is: move or delete it, or "
+            "choose another folder"
+        )
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise unreadable("not HDF5, or truncated") from None
+    with f:
+        data = f.get("data")
+        if not isinstance(data, h5py.Group):
+            raise unreadable("no `data` group")
+        if "generator" not in data.attrs:
+            return None
+        try:
+            return {
+                "env_name": str(data.attrs["env_name"]),
+                "recipe": json.loads(data.attrs["generator"]),
+                "num_demos": int(data.attrs["num_demos"]),
+            }
+        except (KeyError, TypeError, ValueError):
+            raise unreadable(
+                "its `data` attributes env_name, generator and num_demos are missing or malformed"
+            ) from None
+
+
+def file_status(path: str | os.PathLike, env_name: str, settings: DemoSettings) -> str:
+    """One of "missing"; "complete" (at least `settings.demos` demos of `env_name` made with the same recipe);
+    "stale" (made by our generator with another recipe or fewer demos); "foreign" (a demo file made elsewhere,
+    without our `generator` attribute: used as it is, never replaced). An unreadable file is a ConfigError."""
     if not os.path.isfile(path):
         return "missing"
-    try:
-        with h5py.File(path, "r") as f:
-            data = f["data"]
-            if "generator" not in data.attrs:
-                return "foreign"
-            recipe = json.loads(data.attrs["generator"])
-            complete = (
-                data.attrs["env_name"] == env_name
-                and recipe == settings.recipe()
-                and int(data.attrs["num_demos"]) >= settings.demos
-            )
-            return "complete" if complete else "stale"
-    except (OSError, KeyError, ValueError):
-        return "stale"
+    made = _made_with(path)
+    if made is None:
+        return "foreign"
+    complete = (
+        made["env_name"] == env_name and made["recipe"] == settings.recipe() and made["num_demos"] >= settings.demos
+    )
+    return "complete" if complete else "stale"
+
+
+def stale_reason(path: str | os.PathLike, env_name: str, settings: DemoSettings) -> str:
+    """Which setting a stale file was made with differs from `settings`, e.g. "made with horizon=200, not 120"."""
+    made = _made_with(path) or {}
+    if made.get("env_name") != env_name:
+        return f"holds demonstrations of {made.get('env_name')}, not {env_name}"
+    recipe = settings.recipe()
+    for key, value in recipe.items():
+        if made["recipe"].get(key) != value:
+            return f"made with {key}={made['recipe'].get(key)}, not {value}"
+    if made["recipe"] != recipe:
+        return f"made with settings {sorted(set(made['recipe']) - set(recipe))} this version does not know"
+    return f"holds num_demos={made['num_demos']}, {settings.demos} asked"
 
 
 def _record_episode(env, episode: int, settings: DemoSettings) -> dict | None:
@@ -178,15 +221,38 @@ def _write_demo(group, steps: dict, episode: int) -> int:
     return n
 
 
+def check_demo_file(
+    path: Path, env_name: str, settings: DemoSettings, replace_stale: bool = False, option: str = "--out"
+) -> str:
+    """`file_status` of a file about to be made, refusing (ConfigError) whatever must not be replaced: an
+    unreadable file, one made elsewhere, a stale one without `replace_stale`, something that is not a file."""
+    check_output_file(path, option)
+    status = file_status(path, env_name, settings)
+    if status == "foreign":
+        raise ConfigError(
+            f"{path}: a demonstration file not made by make-demos; it is left as it is: move it or choose another "
+            f"folder ({option})"
+        )
+    if status == "stale" and not replace_stale:
+        raise ConfigError(
+            f"{path}: {stale_reason(path, env_name, settings)}; it is left as it is: delete it, choose another folder "
+            f"({option}), or pass --replace_stale true to make-demos to make it again"
+        )
+    return status
+
+
 def make_task_demos(
     suite: Suite,
     task_id: int,
     out: str | os.PathLike,
     settings: DemoSettings,
     on_episode: Callable[[int, int], None] | None = None,
+    replace_stale: bool = False,
+    option: str = "--out",
 ) -> TaskDemoReport:
     """Writes `<out>/<env name>.hdf5` for task `task_id` unless a complete one is there.
-    `on_episode(kept, tried)` is called after every episode (progress display)."""
+    `on_episode(kept, tried)` is called after every episode (progress display). A stale file (ours, made with
+    other settings) is replaced only with `replace_stale`; `option` names the folder in errors."""
     import h5py
 
     from datamodules.robot.envs import make_env
@@ -195,11 +261,11 @@ def make_task_demos(
     name = suite.env_names[task_id]
     path = Path(out) / f"{name}.hdf5"
     report = TaskDemoReport(name, path)
-    if file_status(path, name, settings) == "complete":
+    if check_demo_file(path, name, settings, replace_stale, option) == "complete":
         report.skipped = True
         return report
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_name(path)
     start = time.perf_counter()
     env = make_env(spec, task_id, settings.seed)
     try:
@@ -248,11 +314,16 @@ def make_suite_demos(
     settings: DemoSettings,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
+    replace_stale: bool = False,
+    option: str = "--out",
 ) -> list[TaskDemoReport]:
-    """Makes the missing demo files of every task of `suite` under `out`, with a rich progress bar."""
+    """Makes the missing demo files of every task of `suite` under `out`, with a rich progress bar (stale ones
+    too with `replace_stale`; see `make_task_demos`)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     env_spec(suite, settings)  # a LIBERO suite fails here, before anything is written
+    for name in suite.env_names:  # and a file that must not be replaced, before any episode runs
+        check_demo_file(Path(out) / f"{name}.hdf5", name, settings, replace_stale, option)
     reports = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"))
     with Progress(*columns, TimeElapsedColumn(), disable=not progress, transient=False) as bar:
@@ -262,7 +333,7 @@ def make_suite_demos(
             def advance(kept: int, tried: int, row=row) -> None:
                 bar.update(row, completed=kept, note=f"{tried} episodes")
 
-            report = make_task_demos(suite, t, out, settings, on_episode=advance)
+            report = make_task_demos(suite, t, out, settings, advance, replace_stale, option)
             if report.skipped:
                 bar.update(row, completed=settings.demos, note="already there")
             reports.append(report)

@@ -115,6 +115,7 @@ def test_sample_and_compose_write_pngs(r2moe_run, tmp_path):
     sample([*common, "--prompt", "{} on a beach", "--concept", "cup", "--out", str(tmp_path / "one")])
     pngs = sorted((tmp_path / "one").glob("*.png"))
     assert len(pngs) == 2 and Image.open(pngs[0]).size == (64, 64)
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["prompt00_00.png", "prompt00_01.png"]  # no .tmp
     for i, box in enumerate(((0, 32), (32, 64))):
         mask = torch.zeros(64, 64, dtype=torch.uint8)
         mask[:, box[0] : box[1]] = 255
@@ -249,3 +250,100 @@ def test_real_configs_name_what_is_missing_in_one_line(capsys):
     assert last.startswith(
         "lifelong: error: model.pretrained_model_name_or_path: 'models/stable-diffusion-v1-5' is not"
     )
+
+
+def _export(ckpt, out) -> None:
+    export(["-c", config("trainer/cpu.yaml"), "-c", config(R2MOE), "--ckpt_path", str(ckpt), "--out", str(out)])
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lifelong: error: "), err
+    return err.strip().removeprefix("lifelong: error: ")
+
+
+def test_export_refuses_what_is_not_a_regular_file(r2moe_run, tmp_path, capsys):
+    import os
+    import stat
+
+    ckpt = r2moe_run[1] / "checkpoints" / "last.ckpt"
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for out in (folder, "/dev/null", fifo):
+        before = os.stat(out)
+        with pytest.raises(SystemExit) as stop:
+            _export(ckpt, out)
+        assert stop.value.code == 2
+        assert _one_line_error(capsys) == f"--out {out}: exists and is not a regular file; choose a new file name"
+        after = os.stat(out)
+        assert (after.st_ino, after.st_mode, after.st_rdev) == (before.st_ino, before.st_mode, before.st_rdev)
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode) and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert os.listdir(folder) == ["keep.txt"] and (folder / "keep.txt").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["exports", "pipe"]  # no temporary file beside them either
+
+
+def test_a_failed_export_leaves_the_previous_one(r2moe_run, tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    import safetensors.torch
+
+    ckpt = r2moe_run[1] / "checkpoints" / "last.ckpt"
+    out = tmp_path / "delta.safetensors"
+    _export(ckpt, out)
+    before = out.read_bytes(), out.stat().st_mtime_ns
+    capsys.readouterr()
+
+    def half_then(error):
+        def save_file(tensors, filename, metadata=None):
+            with open(filename, "wb") as f:
+                f.write(before[0][: len(before[0]) // 2])
+            raise error
+
+        return save_file
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_then(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(SystemExit) as stop:
+        _export(ckpt, out)
+    assert stop.value.code == 2
+    message = _one_line_error(capsys)
+    assert message.startswith(f"--out {out}: could not be written (No space left on device)")
+    assert "unchanged" in message
+    monkeypatch.setattr(safetensors.torch, "save_file", half_then(RuntimeError("killed mid-write")))
+    with pytest.raises(RuntimeError, match="killed mid-write"):
+        _export(ckpt, out)
+    assert (out.read_bytes(), out.stat().st_mtime_ns) == before
+    assert os.listdir(tmp_path) == [out.name]  # the half-written temporary files are gone
+
+
+def test_missing_options_are_one_line(tmp_path, capsys):
+    common = ["-c", config(R2MOE)]
+    for argv, expected in (
+        ([*common, "--ckpt_path", "last.ckpt"], "--out missing: see lifelong export --help"),
+        ([*common, "--out", str(tmp_path / "d.safetensors")], "--ckpt_path missing: see lifelong export --help"),
+        (common, "--ckpt_path and --out missing: see lifelong export --help"),
+        (["--ckpt_path", "x", "--out", "y"], "--config missing: see lifelong export --help"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            export(argv)
+        assert stop.value.code == 2 and _one_line_error(capsys) == expected
+    with pytest.raises(SystemExit):
+        sample([*common, "--prompt", "x", "--delta", "d.safetensors"])
+    assert _one_line_error(capsys) == "--out missing: see lifelong sample --help"
+    with pytest.raises(SystemExit):
+        export([*common, "--ckpt_path", "x", "--out", "y", "--set"])
+    assert _one_line_error(capsys) == "argument --set: expected one argument"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sample_out_must_be_a_folder(tmp_path, capsys):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    with pytest.raises(SystemExit) as stop:
+        sample(["-c", config(R2MOE), "--prompt", "x", "--delta", "d.safetensors", "--out", str(mine)])
+    assert stop.value.code == 2
+    assert _one_line_error(capsys) == f"--out {mine}: exists and is not a folder; choose a folder for the images"
+    assert mine.read_text() == "mine"

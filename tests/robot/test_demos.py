@@ -107,3 +107,44 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert os.listdir(tmp_path) == []  # the failed task left nothing behind
     with pytest.raises(ConfigError, match="--noise"):
         DemoSettings(noise=-1)
+
+
+def test_make_demos_replaces_only_its_own_stale_files_and_only_when_asked(tmp_path, capsys):
+    path = tmp_path / f"{TASK}.hdf5"
+
+    def make(demos: int, *extra: str) -> None:
+        args = ["--demos", str(demos), "--horizon", "120", "--out", str(tmp_path), "--progress", "false"]
+        main(["make-demos", "--tasks", f"[{TASK}]", *args, *extra])
+
+    def refused(demos: int, *extra: str) -> str:
+        before = path.read_bytes(), path.stat().st_mtime_ns
+        with pytest.raises(SystemExit) as stop:
+            make(demos, *extra)
+        assert stop.value.code == 2
+        assert (path.read_bytes(), path.stat().st_mtime_ns) == before  # untouched
+        assert os.listdir(tmp_path) == [path.name]  # and no temporary file left
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"lifelong: error: {path}: ") and "\n" not in err
+        return err
+
+    make(1)
+    assert file_status(path, TASK, DemoSettings(demos=1, horizon=120)) == "complete"
+    err = refused(2)  # made here with fewer demos: refused without the opt-in
+    assert "holds num_demos=1, 2 asked" in err and "--replace_stale true" in err
+    assert "made with horizon=120, not 100" in refused(1, "--horizon", "100")
+    make(2, "--replace_stale", "true")
+    with h5py.File(path) as f:
+        assert f["data"].attrs["num_demos"] == 2 and "demo_1" in f["data"]
+
+    # files this command did not make are never replaced, even with the opt-in
+    path.write_bytes(b"\x89HDF\r\n\x1a\n but not really")
+    assert "not a readable demonstration file (not HDF5, or truncated)" in refused(2, "--replace_stale", "true")
+    path.unlink()
+    with h5py.File(path, "w") as f:
+        f.create_group("data/demo_0")  # a LIBERO-style file from elsewhere, without our generator attribute
+    assert "not made by make-demos" in refused(2, "--replace_stale", "true")
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(SystemExit):
+        make(1)
+    assert "exists and is not a regular file" in capsys.readouterr().err and os.listdir(path) == []

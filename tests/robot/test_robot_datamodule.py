@@ -137,6 +137,73 @@ def test_metaworld_errors(tmp_path):
         dm.setup("fit")  # prepare_data has not run
 
 
+def _bytes_and_mtime(path) -> tuple[bytes, int]:
+    return path.read_bytes(), path.stat().st_mtime_ns
+
+
+def _plant(path, content: bytes) -> tuple[bytes, int]:
+    """Writes `content` at `path` with an old mtime, so that any rewrite would show; returns what to compare."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    return _bytes_and_mtime(path)
+
+
+def test_unreadable_demo_files_are_named_and_left_alone(metaworld_dm, tmp_path, monkeypatch):
+    import h5py
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    real = metaworld_dm.demo_file(0).read_bytes()
+    with h5py.File(tmp_path / "nodata.h5", "w") as f:
+        f.create_group("something_else")
+    contents = {
+        "garbage": b"these are not the demonstrations you are looking for\n" * 20,
+        "truncated": real[: len(real) // 2],
+        "no data group": (tmp_path / "nodata.h5").read_bytes(),
+    }
+    for root in (str(tmp_path / "mine"), None):  # a folder the user named, and the suite's own cache
+        for why, content in contents.items():
+            dm = RobotDataModule(tasks=TASKS[:1], root=root, demos=2, horizon=120, eval_episodes=1)
+            path = dm.demo_file(0)
+            before = _plant(path, content)
+            with pytest.raises(ConfigError) as err:
+                dm.prepare_data()
+            message = str(err.value)
+            assert message.startswith(f"{path}: not a readable demonstration file"), (why, message)
+            assert "left as it is" in message and "\n" not in message
+            assert _bytes_and_mtime(path) == before, why
+            assert os.listdir(path.parent) == [path.name], why  # no temporary file either
+
+
+def test_stale_demo_file_refused_in_root_and_remade_in_cache(metaworld_dm, tmp_path, monkeypatch):
+    from datamodules.robot.demos import file_status
+
+    real = metaworld_dm.demo_file(0).read_bytes()  # 2 demos, horizon 120, no noise
+    # in a folder the user named: refused, naming the file and the setting that differs
+    for extra, differs in (({"demos": 3}, "holds num_demos=2, 3 asked"), ({"demo_noise": 0.1}, "noise=0.0, not 0.1")):
+        dm = RobotDataModule(tasks=TASKS[:1], root=str(tmp_path / "mine"), horizon=120, eval_episodes=1, **extra)
+        path = dm.demo_file(0)
+        before = _plant(path, real)
+        with pytest.raises(ConfigError) as err:
+            dm.prepare_data()
+        message = str(err.value)
+        assert message.startswith(f"{path}: ") and differs in message and "data.root" in message
+        assert "\n" not in message
+        assert _bytes_and_mtime(path) == before and os.listdir(path.parent) == [path.name]
+    # in the suite's own cache: made again with the asked settings
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    dm = RobotDataModule(tasks=TASKS[:1], demos=3, horizon=120, eval_episodes=1)
+    path = dm.demo_file(0)
+    assert path.parent == tmp_path / "cache" / "lifelong" / "metaworld" / "seed0_h120_noise0_extra5_img0"
+    before = _plant(path, real)
+    assert file_status(path, TASKS[0], dm.settings) == "stale"
+    dm.prepare_data()
+    assert _bytes_and_mtime(path) != before and os.listdir(path.parent) == [path.name]
+    assert file_status(path, TASKS[0], dm.settings) == "complete"
+    dm.setup("fit")
+    assert len(dm.train_dataset(0).demo_names) == 3
+
+
 # -- LIBERO ----------------------------------------------------------------------------------------------
 def test_libero_files(tmp_path):
     suite = resolve_suite("libero_goal")

@@ -1,0 +1,73 @@
+"""Writing files the suite produces without ever harming what is already there.
+
+Every output (checkpoints, exports, reports, demonstrations, images) is written to a temporary file in
+the destination's folder and renamed over the destination only once it is complete, so a kill, a full
+disk or an error leaves the previous version intact. A destination that exists but is not a regular
+file (a folder, a device, a socket) is refused, never replaced.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from cli.errors import ConfigError
+
+
+def check_output_file(path: str | os.PathLike, option: str) -> Path:
+    """`path` as a Path if a file may be written there (new, or a regular file to replace); else ConfigError
+    naming `option` (e.g. "--out") and the path."""
+    p = Path(path)
+    if p.exists() and not p.is_file():
+        raise ConfigError(f"{option} {p}: exists and is not a regular file; choose a new file name")
+    parent = p.parent if str(p.parent) else Path(".")
+    for folder in (parent, *parent.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(f"{option} {p}: {folder} is not a folder; choose another path")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise ConfigError(f"{option} {p}: {folder} is not writable; choose a folder you can write to")
+            break
+    return p
+
+
+def temporary_name(path: str | os.PathLike) -> Path:
+    """A hidden name beside `path`, unique to this process, for writing before the rename."""
+    p = Path(path)
+    return p.with_name(f".{p.name}.{os.getpid()}.tmp")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], option: str = "output") -> None:
+    """Calls `write(tmp)` to write a temporary file beside `path`, then renames it over `path`.
+
+    On any failure the temporary file is removed and `path` is left as it was; a full disk or a
+    folder that cannot be written to becomes a ConfigError naming `option` and the path.
+    """
+    p = check_output_file(path, option)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(p)
+    try:
+        write(str(tmp))
+        os.replace(tmp, p)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM):
+            raise ConfigError(
+                f"{option} {p}: could not be written ({os.strerror(err.errno)}); the previous file, if any, is "
+                "unchanged: free space or choose another folder"
+            ) from None
+        raise
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, option: str = "output") -> None:
+    """`atomic_write` of a text file."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    atomic_write(path, write, option)

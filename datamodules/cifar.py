@@ -13,17 +13,18 @@ from torch import Tensor
 
 from cli.errors import ConfigError
 from datamodules.images import ImageClassIncremental, torchvision_datasets
+from datamodules.restricted_pickle import load_restricted
 
 
 def read_cifar_batch(path: Path, label_key: str) -> tuple[Tensor, Tensor]:
-    """One pickled CIFAR batch: uint8 images [N, 3, 32, 32] and int64 labels."""
+    """One pickled CIFAR batch: uint8 images [N, 3, 32, 32] and int64 labels. Read without running code:
+    a file that names any class or function beyond numpy's arrays is refused (`load_restricted`)."""
     try:
-        with open(path, "rb") as f:
-            raw = pickle.load(f, encoding="bytes")
+        raw = load_restricted(path, encoding="bytes")
         raw = {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
         data = np.asarray(raw["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(raw[label_key], dtype=np.int64)
-    except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as err:
+    except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError, AttributeError) as err:
         raise ConfigError(f"{path}: not a CIFAR python batch ({err}); re-extract the dataset archive") from None
     if len(data) != len(labels):
         raise ConfigError(f"{path}: {len(data)} images but {len(labels)} labels; re-extract the dataset archive")

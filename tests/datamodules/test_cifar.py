@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -90,3 +91,64 @@ def test_missing_or_broken_files_say_what_to_do(tmp_path):
     (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"not a pickle")
     with pytest.raises(ConfigError, match="test_batch: not a CIFAR python batch"):
         SplitCIFAR10(root=str(tmp_path)).setup()
+
+
+class _Planted:
+    """Pickles as a call of `func(*args)`: what a crafted file would run while it is loaded."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def test_crafted_batches_run_no_code(tmp_path):
+    import builtins
+    import os
+
+    from datamodules.cifar import read_cifar_batch
+
+    marker = tmp_path / "ran"
+    write_cifar10(tmp_path / "data")
+    batch = tmp_path / "data" / "cifar-10-batches-py" / "data_batch_3"
+    for func, args in (
+        (os.system, (f"touch {marker}",)),  # pickled as posix.system
+        (builtins.open, (str(marker), "w")),  # io.open
+        (builtins.eval, (f"open({str(marker)!r}, 'w')",)),  # builtins.eval (__builtin__.eval in protocol 2)
+    ):
+        for protocol in (2, pickle.HIGHEST_PROTOCOL):
+            with open(batch, "wb") as f:
+                pickle.dump({b"data": _Planted(func, *args), b"labels": [0] * 10}, f, protocol=protocol)
+            refused = rf"names \w+\.{func.__name__}, which loading would call"
+            with pytest.raises(ConfigError) as err:
+                read_cifar_batch(batch, "labels")
+            message = str(err.value)
+            assert message.startswith(f"{batch}: not a CIFAR python batch") and re.search(refused, message)
+            assert "\n" not in message
+            with pytest.raises(ConfigError, match=f"data_batch_3: .*{refused}"):  # through the datamodule too
+                SplitCIFAR10(root=str(tmp_path / "data")).setup()
+            assert not marker.exists()
+
+
+def test_genuine_batches_load_under_every_pickle_protocol(tmp_path):
+    from datamodules.cifar import read_cifar_batch
+    from datamodules.restricted_pickle import RefusedGlobal, load_restricted
+
+    data = np.arange(4 * 3072, dtype=np.uint8).reshape(4, 3072)
+    batch = {b"data": data, b"labels": [3, 1, 4, 1], b"scalar": np.int64(7), b"floats": np.linspace(0, 1, 5)}
+    for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1):
+        path = tmp_path / f"batch_p{protocol}"
+        with open(path, "wb") as f:
+            pickle.dump(batch, f, protocol=protocol)
+        raw = load_restricted(path, encoding="bytes")
+        np.testing.assert_array_equal(raw[b"data"], data)
+        assert raw[b"data"].dtype == np.uint8 and raw[b"scalar"] == 7 and raw[b"floats"].dtype == np.float64
+        x, y = read_cifar_batch(path, "labels")
+        assert x.dtype == torch.uint8 and x.shape == (4, 3, 32, 32) and y.tolist() == [3, 1, 4, 1]
+        assert torch.equal(x.reshape(4, -1), torch.from_numpy(data))
+    # protocol 2 stores bytes through _codecs.encode: only its latin1 form is accepted
+    crafted = pickle.dumps(_Planted(__import__("_codecs").encode, "x", "rot13"), protocol=2)
+    (tmp_path / "codec").write_bytes(crafted)
+    with pytest.raises(RefusedGlobal, match="rot13"):
+        load_restricted(tmp_path / "codec")

@@ -1,8 +1,16 @@
 """Reusable continual mechanics as Lightning callbacks."""
 
 from callbacks.base import ContinualCallback
+from callbacks.checkpoint import ContinualCheckpoint
 from callbacks.continual_metrics import ContinualMetrics, summarize
 from callbacks.expert_freezing import ExpertFreezing
 from callbacks.task_switch import TaskSwitch
 
-__all__ = ["ContinualCallback", "ContinualMetrics", "ExpertFreezing", "TaskSwitch", "summarize"]
+__all__ = [
+    "ContinualCallback",
+    "ContinualCheckpoint",
+    "ContinualMetrics",
+    "ExpertFreezing",
+    "TaskSwitch",
+    "summarize",
+]

@@ -6,7 +6,12 @@ import lightning as L
 
 
 class ContinualCallback(L.Callback):
-    """Subclasses override `on_task_start` / `on_task_training_end` / `on_task_end`; `TaskSwitch` calls them."""
+    """Subclasses override `on_task_boundary_start` / `on_task_start` / `on_task_training_end` / `on_task_end`;
+    `TaskSwitch` calls them."""
+
+    def on_task_boundary_start(self, trainer: L.Trainer, pl_module: L.LightningModule, task_id: int) -> None:
+        """Task `task_id`'s last epoch has trained and nothing of its boundary has run yet (the checkpoint
+        callback writes here, so a run killed during the boundary redoes the boundary, not the task)."""
 
     def on_task_start(self, trainer: L.Trainer, pl_module: L.LightningModule, task_id: int) -> None:
         """Task `task_id` has begun (the module's `on_task_start` has run, the data serves the new task)."""

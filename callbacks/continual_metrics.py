@@ -29,6 +29,8 @@ from torchmetrics import Metric
 
 from callbacks.base import ContinualCallback
 from cli.errors import ConfigError
+from cli.files import atomic_write_text
+from cli.runtime import check_stop
 
 Matrix = list[list[float | None]]
 #: a task's learning curve: (epochs trained on the task, score) at each evaluation, in order
@@ -51,6 +53,12 @@ class PerTaskMean(Metric):
 
     def compute(self) -> torch.Tensor:
         return self.total / self.count
+
+
+def per_task_scores(metric: PerTaskMean, scale: float) -> list[float]:
+    """The metric's per-task means times `scale`, one per task, also for one task (torchmetrics returns a
+    one-element result as a 0-d tensor)."""
+    return (metric.compute().reshape(-1) * scale).tolist()
 
 
 def same_metrics_on_every_rank(
@@ -134,12 +142,8 @@ def libero_summary(matrix: Matrix, curves: Mapping[int, Curve]) -> dict[str, flo
 
 
 def _write_json(path: str, payload: dict) -> None:
-    """Writes atomically: a reader never sees half a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    """Writes atomically: a reader never sees half a file, and a failed write leaves the previous one."""
+    atomic_write_text(path, json.dumps(payload, indent=2), "metrics report")
 
 
 class ContinualMetrics(ContinualCallback):
@@ -273,6 +277,7 @@ class ContinualMetrics(ContinualCallback):
                 if j not in chosen:
                     continue
                 for batch in loader:
+                    check_stop(f"the evaluation of task {j}")  # a stop signal does not wait for the whole pass
                     # Evaluation items are model-ready: move them without the datamodule's train-time hooks.
                     batch = pl_module.transfer_batch_to_device(batch, pl_module.device, j)
                     for name, values in pl_module.eval_step(batch, j).items():
@@ -282,7 +287,7 @@ class ContinualMetrics(ContinualCallback):
         pl_module.train(was_training)
         metrics = same_metrics_on_every_rank(metrics, dm.num_tasks, pl_module.device)
         return {
-            name: [v if j in chosen else None for j, v in enumerate((m.compute() * self.scale).tolist())]
+            name: [v if j in chosen else None for j, v in enumerate(per_task_scores(m, self.scale))]
             for name, m in metrics.items()
         }
 
@@ -369,7 +374,7 @@ class ContinualMetrics(ContinualCallback):
     def _stage_end(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         names = list(trainer.datamodule.task_names)
         metrics = same_metrics_on_every_rank(self._stage_metrics, pl_module.num_tasks, pl_module.device)
-        rows = {name: (m.compute() * self.scale).tolist() for name, m in metrics.items()}
+        rows = {name: per_task_scores(m, self.scale) for name, m in metrics.items()}
         for name, row in rows.items():
             for j, v in enumerate(row):
                 pl_module.log(f"{stage}/{name}/task_{j}", v, add_dataloader_idx=False)

@@ -2,12 +2,18 @@
 
 A task spans `epochs_per_task` epochs, or exactly `steps_per_task` optimizer steps (then one epoch
 is one task). At a boundary, at the end of the task's last epoch: the continual callbacks'
-`on_task_training_end(t)` (e.g. the best weights of the task put back), the module's `on_task_end(t)`, the
-continual callbacks' `on_task_end(t)` (evaluation), `datamodule.set_task(t+1)`, the module's
-`on_task_start(t+1)`, the callbacks' `on_task_start(t+1)`, then the optimizer and LR scheduler are
-rebuilt from `configure_optimizers` for the parameters that train now (Mammoth re-creates the
-optimizer at each task too). The data moves at the end of an epoch because Lightning builds the
-next epoch's loader before `on_train_epoch_start`; loaders are reloaded every epoch.
+`on_task_boundary_start(t)` (the checkpoint callback writes `last.ckpt` here), their
+`on_task_training_end(t)` (e.g. the best weights of the task put back), the module's `on_task_end(t)`,
+the callbacks' `on_task_end(t)` (evaluation), `datamodule.set_task(t+1)`, the module's
+`on_task_start(t+1)` and the callbacks' `on_task_start(t+1)`. The optimizer and LR scheduler are rebuilt
+from `configure_optimizers` at the start of the next epoch, for the parameters that train then (Mammoth
+re-creates the optimizer at each task too); rebuilding there, after Lightning's end-of-epoch scheduler
+step, gives the new scheduler exactly one step per epoch of its own task. The data moves at the end of
+an epoch because Lightning builds the next epoch's loader before `on_train_epoch_start`; loaders are
+reloaded every epoch.
+
+A boundary is made exact to resume: the global RNG is seeded from (run seed, step, rank) before it,
+and a run resumed from the checkpoint written at its start runs the whole boundary again before training.
 """
 
 from __future__ import annotations
@@ -15,11 +21,16 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks.base import ContinualCallback
 from cli.errors import ConfigError
+from cli.runtime import run_seed, step_seed
+
+#: mixed into the boundary's seed so it differs from the seed of the training step at the same global step
+_BOUNDARY_SEED = 0x5EED
 
 
 class TaskSwitch(L.Callback):
@@ -49,6 +60,12 @@ class TaskSwitch(L.Callback):
         self.rebuild_optimizer = rebuild_optimizer
         self.task = 0
         self.started = False
+        #: the task whose boundary has begun and not finished (a checkpoint written at its start has it)
+        self.boundary: int | None = None
+        #: the optimizer is rebuilt at the next epoch start
+        self.rebuild_pending = False
+        #: whether the epoch that just ended was a task's last (the checkpoint callback reads it)
+        self.ended_task_this_epoch = False
 
     @staticmethod
     def _stream(trainer: L.Trainer) -> Any:
@@ -82,11 +99,37 @@ class TaskSwitch(L.Callback):
             self.started = True
             self._start(trainer, pl_module, 0)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A run resumed from the checkpoint written at a boundary's start does that boundary first."""
+        if self.boundary is not None:
+            self._boundary(trainer, pl_module, self.boundary)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.ended_task_this_epoch = False
+        if not self.rebuild_pending:
+            return
+        self.rebuild_pending = False
+        if not self.rebuild_optimizer:
+            return
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            rank_zero_warn("DeepSpeed owns its optimizer: it is kept across tasks (its state is not reset).")
+            return
+        trainer.strategy.setup_optimizers(trainer)
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.epochs_per_task:
             return
-        dm = self._stream(trainer)
         t = self.task
+        self.boundary = t
+        for cb in self._continual_callbacks(trainer):
+            cb.on_task_boundary_start(trainer, pl_module, t)
+        self._boundary(trainer, pl_module, t)
+
+    def _boundary(self, trainer: L.Trainer, pl_module: L.LightningModule, t: int) -> None:
+        """Ends task t (callbacks' `on_task_training_end`, the module's `on_task_end`, callbacks' `on_task_end`)
+        and starts task t+1 if there is one."""
+        dm = self._stream(trainer)
+        torch.manual_seed(step_seed(run_seed() ^ _BOUNDARY_SEED, trainer.global_step, trainer.global_rank))
         callbacks = self._continual_callbacks(trainer)
         for cb in callbacks:
             cb.on_task_training_end(trainer, pl_module, t)
@@ -97,6 +140,8 @@ class TaskSwitch(L.Callback):
             self.task = t + 1
             dm.set_task(t + 1)
             self._start(trainer, pl_module, t + 1)
+        self.boundary = None
+        self.ended_task_this_epoch = True
         if self.stop_after_task is not None and t + 1 >= self.stop_after_task:
             trainer.should_stop = True
 
@@ -104,20 +149,29 @@ class TaskSwitch(L.Callback):
         pl_module.on_task_start(task_id)
         for cb in self._continual_callbacks(trainer):
             cb.on_task_start(trainer, pl_module, task_id)
-        if not self.rebuild_optimizer:
-            return
-        if isinstance(trainer.strategy, DeepSpeedStrategy):
-            rank_zero_warn("DeepSpeed owns its optimizer: it is kept across tasks (its state is not reset).")
-            return
-        trainer.strategy.setup_optimizers(trainer)
+        self.rebuild_pending = True
 
     @staticmethod
     def _continual_callbacks(trainer: L.Trainer) -> list[ContinualCallback]:
         return [cb for cb in trainer.callbacks if isinstance(cb, ContinualCallback)]
 
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """A checkpoint written between a boundary and the next epoch holds the ended task's optimizer, which
+        is rebuilt before it could step again: its state is left out (it would not fit the new parameters)."""
+        if self.rebuild_pending and self.rebuild_optimizer and not isinstance(trainer.strategy, DeepSpeedStrategy):
+            checkpoint["optimizer_states"] = []
+            checkpoint["lr_schedulers"] = []
+
     def state_dict(self) -> dict:
-        return {"task": self.task, "started": self.started}
+        return {
+            "task": self.task,
+            "started": self.started,
+            "boundary": self.boundary,
+            "rebuild_pending": self.rebuild_pending,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.task = int(state_dict["task"])
         self.started = bool(state_dict["started"])
+        self.boundary = state_dict.get("boundary")
+        self.rebuild_pending = bool(state_dict.get("rebuild_pending", False))

@@ -7,20 +7,25 @@ The continual callbacks are always present and configured under their own keys (
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+import torch
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import datamodules  # noqa: F401  (registers the datamodules)
 import lightning_modules  # noqa: F401  (registers the methods)
 from callbacks import ContinualMetrics, ExpertFreezing, TaskSwitch  # also registers them for short class names
+from callbacks.checkpoint import LAST, ContinualCheckpoint
 from cli.errors import ConfigError
+from cli.runtime import StopRequested
 from datamodules.base import ContinualDataModule
 from lightning_modules.base import ContinualModule
 
@@ -50,8 +55,75 @@ QUIET = (
 )
 
 
+#: settings a resumed run may change without changing what it learns: where the data lives and how it is
+#: read, evaluation batch sizes, worker counts, the stream (filled from the data)
+RESUME_FREE = (
+    "data.init_args.root",
+    "data.init_args.num_workers",
+    "data.init_args.eval_batch_size",
+    "data.init_args.download",
+    "model.init_args.rollout_workers",
+    "model.init_args.stream",
+)
+
+
+#: settings that shape training but not the scores of a trained model (free in `test` / `validate`)
+SCORING_FREE = (
+    "task_switch",
+    "seed_everything",
+    "data.init_args.batch_size",
+    "data.init_args.seed",
+    "data.init_args.train_on",
+)
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(v, f"{prefix}.{k}", out)
+    else:
+        out[prefix] = json.loads(json.dumps(value, default=str))
+
+
+def run_settings(config: Any) -> dict[str, Any]:
+    """What a checkpoint must agree with to be resumed or scored under this config, as dotted keys: the
+    method and its arguments, the data and its arguments, the task clock and the seed."""
+    d = config.as_dict()
+    flat: dict[str, Any] = {}
+    _flatten(d.get("model"), "model", flat)
+    _flatten(d.get("data"), "data", flat)
+    for key in ("epochs_per_task", "steps_per_task"):
+        flat[f"task_switch.{key}"] = (d.get("task_switch") or {}).get(key)
+    flat["seed_everything"] = d.get("seed_everything")
+    return {k: v for k, v in flat.items() if not k.startswith(RESUME_FREE)}
+
+
+def settings_differences(saved: dict[str, Any], current: dict[str, Any], allowed: list[str]) -> list[str]:
+    """'key (checkpoint A, config B)' for every setting that differs, except keys under an `allowed` prefix."""
+    if "all" in allowed:
+        return []
+    out = []
+    # Another class (method or data) differs in its arguments too: name the class alone.
+    other_class = [k[: -len("class_path")] for k in saved if k.endswith("class_path") and saved[k] != current.get(k)]
+    for key in sorted(set(saved) | set(current), key=lambda k: (not k.endswith("class_path"), k)):
+        if key.startswith(RESUME_FREE) or any(key == a or key.startswith(a + ".") for a in allowed):
+            continue
+        if any(key.startswith(prefix + "init_args.") for prefix in other_class):
+            continue
+        a, b = saved.get(key, "<unset>"), current.get(key, "<unset>")
+        if a != b:
+            out.append(f"{key} (checkpoint {a!r}, config {b!r})")
+    return out
+
+
 class LifelongCLI(LightningCLI):
-    """LightningCLI with the task stream linked from data to model and the continual callbacks built in."""
+    """LightningCLI with the task stream linked from data to model and the continual callbacks built in.
+
+    `--ckpt_path` is checked before anything is built: `last` means `<checkpoint folder>/last.ckpt` and must
+    exist; the file must be a checkpoint of this suite; and its method, data and task-clock settings must
+    equal the config's (LightningCLI's own behaviour, silently taking the checkpoint's method arguments over
+    the config's, is replaced by this check). `--allow_changes KEY` accepts a listed difference (`all`: any).
+    """
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -59,6 +131,7 @@ class LifelongCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)  # each module builds its own (per task)
         # The task-switch callback sets the epoch budget from the stream (num_tasks x epochs_per_task).
         kwargs.setdefault("trainer_defaults", {"max_epochs": -1})
+        self._settings: dict[str, Any] | None = None
         super().__init__(
             ContinualModule,
             ContinualDataModule,
@@ -73,24 +146,95 @@ class LifelongCLI(LightningCLI):
         parser.add_lightning_class_args(TaskSwitch, "task_switch")
         parser.add_lightning_class_args(ContinualMetrics, "continual_metrics")
         parser.add_lightning_class_args(ExpertFreezing, "expert_freezing")
+        parser.add_lightning_class_args(ContinualCheckpoint, "checkpoint")
+        parser.add_argument(
+            "--allow_changes",
+            type=list[str],
+            default=[],
+            help="settings a resumed or scored checkpoint may differ in, e.g. [model.init_args.lr]; all: any",
+        )
         parser.link_arguments("data.stream", "model.init_args.stream", apply_on="instantiate")
+
+    # -- the checkpoint a run starts from -----------------------------------------------------------------
+    def _parse_ckpt_path(self) -> None:
+        sub = self.config.get("subcommand")
+        if not sub:
+            return
+        config = self.config[sub]
+        self._settings = run_settings(config)
+        path = config.get("ckpt_path")
+        if path is None:
+            if sub in ("test", "validate"):
+                raise ConfigError(
+                    f"lifelong {sub} scores a trained model: pass --ckpt_path (a checkpoint file, or last)"
+                )
+            return
+        path = self._resolve_ckpt_path(config, str(path))
+        checkpoint = _read_checkpoint(path)
+        saved = (checkpoint.get("lifelong") or {}).get("settings")
+        if saved is not None:
+            if config.get("seed_everything") is True and "seed_everything" in saved:
+                config.seed_everything = saved["seed_everything"]  # a random seed: keep the checkpoint's
+                self._settings["seed_everything"] = saved["seed_everything"]
+            allowed = list(config.get("allow_changes") or [])
+            if sub in ("test", "validate"):
+                allowed += list(SCORING_FREE)
+            changed = settings_differences(saved, self._settings, allowed)
+            if changed:
+                more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+                raise ConfigError(
+                    f"--ckpt_path {path} was written with other settings: {'; '.join(changed[:4])}{more}; use the "
+                    "config it was trained with, or accept the change with --allow_changes '[KEY, ...]'"
+                )
+        config.ckpt_path = path
+
+    @staticmethod
+    def _resolve_ckpt_path(config: Any, path: str) -> str:
+        """`last` -> the checkpoint folder's last.ckpt, which must exist; any other value must be a file."""
+        if path == "last":
+            root = (config.get("trainer") or {}).get("default_root_dir") or os.getcwd()
+            folder = (config.get("checkpoint") or {}).get("dirpath") or os.path.join(root, "checkpoints")
+            found = Path(folder) / LAST
+            if not found.exists():
+                raise ConfigError(
+                    f"--ckpt_path last: no checkpoint at {found} (trainer.default_root_dir {root}); start without "
+                    "--ckpt_path, or point trainer.default_root_dir at the run to resume"
+                )
+            return str(found)
+        if not os.path.exists(path):
+            raise ConfigError(f"--ckpt_path {path}: not found; pass a checkpoint file (checkpoints/last.ckpt) or last")
+        return path
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        for cb in getattr(self.trainer, "callbacks", []):
+            if isinstance(cb, ContinualCheckpoint):
+                cb.settings = self._settings
 
     def _instantiate_trainer(self, config: dict[str, Any], extra_callbacks: list) -> Any:
         config = dict(config)
+        if config.get("enable_checkpointing") is False:
+            extra_callbacks = [c for c in extra_callbacks if not isinstance(c, ContinualCheckpoint)]
         given = list(config.get("callbacks") or []) + list(extra_callbacks)
         if config.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in given):
             config["callbacks"] = list(config.get("callbacks") or []) + [RichProgressBar()]
-        trainer = super()._instantiate_trainer(config, extra_callbacks)
-        # Lightning's default checkpoint callback, adapted: one folder per experiment (not per logger
-        # version), so `--ckpt_path last` finds the previous run's checkpoint, and only `last.ckpt`,
-        # rewritten each epoch (a numbered copy per epoch doubles the writes and buys no resume
-        # safety). SLURM requeue checkpoints go to default_root_dir too.
-        for cb in trainer.checkpoint_callbacks:
-            if isinstance(cb, ModelCheckpoint) and cb.dirpath is None and cb.monitor is None:
-                cb.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))
-                cb.save_last = True
-                cb.save_top_k = 0
-        return trainer
+        return super()._instantiate_trainer(config, extra_callbacks)
+
+
+def _read_checkpoint(path: str) -> dict:
+    """A checkpoint loaded as plain data (no code runs), or ConfigError naming the file and what it is not."""
+    if os.path.isdir(path):
+        raise ConfigError(f"--ckpt_path {path}: a folder, not a checkpoint file; pass the .ckpt file inside it")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001  (pickle, zip and unpickling errors vary)
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(
+            f"--ckpt_path {path}: not a readable checkpoint ({reason[:160]}); pass a .ckpt written by lifelong fit"
+        ) from None
+    if not isinstance(checkpoint, dict) or "continual" not in checkpoint:
+        raise ConfigError(f"--ckpt_path {path}: not a checkpoint written by lifelong fit (no 'continual' entry)")
+    return checkpoint
 
 
 EXTRA_COMMANDS = {
@@ -157,12 +301,22 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         LifelongCLI(args=argv)
+    except StopRequested as stop:
+        if _is_rank_zero():
+            print(f"lifelong: {stop}", file=sys.stderr)
+        raise SystemExit(stop.exit_code) from None
     except Exception as err:
         message = _user_error(err)
         if message is None:
             raise
-        print(f"lifelong: error: {message}", file=sys.stderr)
+        if _is_rank_zero():
+            print(f"lifelong: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _is_rank_zero() -> bool:
+    """Whether this process is the run's first (other ranks stay quiet, so a message is printed once)."""
+    return all(int(os.environ.get(k, 0) or 0) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
 def _user_error(err: BaseException) -> str | None:

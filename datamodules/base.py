@@ -78,7 +78,9 @@ class EpochShuffleSampler(DistributedSampler):
 
     Owning the shuffle (instead of the global RNG) makes a resumed run see the same batches as an
     uninterrupted one. With `num_samples_per_epoch` set, an epoch is that many draws (permutations
-    are chained), which is how `steps_per_task` makes one epoch equal one task.
+    are chained), which is how `steps_per_task` makes one epoch equal one task. `start` skips this
+    rank's first `start` indices of the epoch (a run resumed mid-epoch); the length stays the whole
+    epoch's, so the batch count Lightning expects is unchanged.
     """
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, total: int | None = None):
@@ -86,13 +88,44 @@ class EpochShuffleSampler(DistributedSampler):
         n = len(dataset)  # type: ignore[arg-type]
         self.total_size = math.ceil((total or n) / num_replicas) * num_replicas
         self.num_samples = self.total_size // num_replicas
+        self.start = 0
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         n = len(self.dataset)  # type: ignore[arg-type]
         chunks = [torch.randperm(n, generator=g) for _ in range(math.ceil(self.total_size / n))]
         indices = torch.cat(chunks)[: self.total_size]
-        return iter(indices[self.rank :: self.num_replicas].tolist())
+        return iter(indices[self.rank :: self.num_replicas][self.start :].tolist())
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, resumable mid-epoch through Lightning's loader `state_dict` protocol.
+
+    Its state is where the epoch stands: `position()` gives the batches the fit loop has trained in the
+    current epoch (Lightning's own count, so batches prefetched but not trained do not count) and whether
+    the epoch is over. Loading a mid-epoch state makes the sampler skip those batches, so the resumed run
+    trains on exactly the batches the uninterrupted one would have.
+    """
+
+    def __init__(self, *args, position: Callable[[], dict], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.position = position
+
+    def state_dict(self) -> dict:
+        return {**self.position(), "batch_size": self.batch_size, "world_size": self.sampler.num_replicas}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("epoch_done", True) or not state.get("batches"):
+            return
+        here = {"batch_size": self.batch_size, "world_size": self.sampler.num_replicas}
+        changed = {k: (state[k], v) for k, v in here.items() if state.get(k) != v}
+        if changed:
+            saved = ", ".join(f"{k} {a} (now {b})" for k, (a, b) in changed.items())
+            raise ConfigError(
+                f"--ckpt_path: the checkpoint stopped mid-epoch with {saved}; resume it with the same "
+                "data.batch_size and devices, or from a checkpoint written at an epoch end"
+            )
+        self.sampler.start = int(state["batches"]) * self.batch_size
 
 
 class UnpaddedShardSampler(DistributedSampler):
@@ -185,12 +218,26 @@ class ContinualDataModule(L.LightningDataModule):
         sampler = EpochShuffleSampler(
             dataset, world, rank, seed=run_seed() if self.seed is None else self.seed, total=total
         )
-        return DataLoader(
+        return ResumableLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
+            position=self._train_position,
         )
+
+    def _train_position(self) -> dict:
+        """Where the fit loop stands in the current epoch: batches trained so far, and whether the epoch is
+        over (a checkpoint written in `on_train_epoch_end`), for `ResumableLoader.state_dict`."""
+        trainer = self.trainer
+        if trainer is None:
+            return {"epoch": 0, "batches": 0, "epoch_done": True}
+        loop = trainer.fit_loop
+        return {
+            "epoch": trainer.current_epoch,
+            "batches": loop.epoch_loop.batch_progress.current.processed,
+            "epoch_done": loop.epoch_progress.current.processed > loop.epoch_progress.current.completed,
+        }
 
     def eval_dataloaders(self) -> list[DataLoader]:
         """One loader per task, sharded over ranks without padding."""

@@ -32,3 +32,37 @@ class RecordRankState(ContinualCallback):
         buffer = getattr(pl_module, "buffer", None)
         if buffer is not None:
             torch.save(buffer.state_dict(), os.path.join(self.out_dir, f"buffer_rank{trainer.global_rank}.pt"))
+
+
+class SignalAt(ContinualCallback):
+    """Rank `rank` sends `signal` to its own process after optimizer step `step` (a real kill when the signal is
+    SIGKILL), or, with `during_boundary_of` set, as that task's boundary begins to evaluate."""
+
+    def __init__(
+        self, signal: str = "SIGKILL", step: int | None = None, during_boundary_of: int | None = None, rank: int = 0
+    ):
+        import signal as signals
+
+        self.signum = int(getattr(signals, signal))
+        self.step = step
+        self.during_boundary_of = during_boundary_of
+        self.rank = rank
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.step is not None and trainer.global_step == self.step and trainer.global_rank == self.rank:
+            os.kill(os.getpid(), self.signum)
+
+    def on_task_training_end(self, trainer, pl_module, task_id: int) -> None:
+        if task_id == self.during_boundary_of and trainer.global_rank == self.rank:
+            os.kill(os.getpid(), self.signum)
+
+
+class RecordLearningRates(ContinualCallback):
+    """The learning rate (first parameter group) that each epoch's first optimizer step uses."""
+
+    def __init__(self):
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])

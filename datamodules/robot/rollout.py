@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -285,7 +286,10 @@ class RolloutRunner:
         steps = np.zeros(n, dtype=np.int64)
         started = np.zeros(n, dtype=bool)
         active = list(range(n)) if self.spec.horizon > 0 else []
+        from cli.runtime import check_stop
+
         while active:
+            check_stop(f"the rollouts of task {task_id}")  # a stop signal does not wait for whole episodes
             ids = np.asarray(active, dtype=np.int64)
             batch = {key: np.stack([obs[i][key] for i in active]) for key in obs[active[0]]}
             reset = ~started[ids]
@@ -335,7 +339,10 @@ def _load_envs_module():
 
 
 def _serve(cmd_fd: int, res_fd: int) -> None:
-    """Worker loop: answer each command with ("ok", result) or ("error", message); stop on close or EOF."""
+    """Worker loop: answer each command with ("ok", result) or ("error", message); stop on close or EOF.
+    Stop signals are left to the parent, which closes its workers when it stops."""
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
     commands = Connection(cmd_fd, writable=False)
     results = Connection(res_fd, readable=False)
     host: _EnvHost | None = None

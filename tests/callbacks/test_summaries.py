@@ -43,3 +43,41 @@ def test_single_task_has_no_transfer_figures():
     s = summarize([[88.0]], [40.0])
     assert s["average_accuracy"] == 88.0
     assert s["forgetting"] is None and s["bwt"] is None and s["fwt"] is None
+
+
+def test_one_task_by_hand():
+    # one task: both averages are its only score; forgetting, bwt and fwt need an older task, so they do not exist
+    expected = {"average_accuracy": 50.0, "average_incremental_accuracy": 50.0, "forgetting": None, "bwt": None}
+    assert summarize([[50.0]]) == {**expected, "fwt": None}
+    assert summarize([[50.0]], [10.0]) == {**expected, "fwt": None}
+    assert summarize([[None]]) == dict.fromkeys((*expected, "fwt"))  # not trained yet: nothing exists
+
+
+def test_libero_summary_of_one_task():
+    from callbacks.continual_metrics import libero_summary
+
+    # curve 20, 70, 60: held at its peak -> 20, 70, 70; FWT = 160 / 3; NBT needs a later task: None;
+    # AUC = (FWT + no later scores) / (K - k) = FWT / 1
+    s = libero_summary([[60.0]], {0: [[0, 20.0], [2, 70.0], [4, 60.0]]})
+    assert s["fwt"] == pytest.approx(160 / 3) and s["auc"] == pytest.approx(160 / 3) and s["nbt"] is None
+
+
+def test_one_task_scores_tables_and_heatmap():
+    import io
+
+    import torch
+    from rich.console import Console
+
+    from callbacks.continual_metrics import PerTaskMean, heatmap, matrix_table, per_task_scores, summary_table
+
+    metric = PerTaskMean(1)
+    metric.update(torch.tensor([1.0, 0.0, 1.0, 1.0]), 0)
+    assert per_task_scores(metric, 100.0) == [75.0]  # a list of one, not the bare float torchmetrics returns
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(matrix_table([[75.0]], ["digits"], "R"))
+    console.print(summary_table({"run": summarize([[75.0]])}, "summary"))
+    lines = [line.strip("│┃ ").split() for line in console.export_text().splitlines()]
+    assert ["after", "T1", "│", "75.00"] in lines
+    assert ["run", "│", "75.00", "│", "75.00", "│", "-", "│", "-", "│", "-"] in lines
+    figure = heatmap([[75.0]], "accuracy")
+    assert [t.get_text() for t in figure.axes[0].texts] == ["75"]

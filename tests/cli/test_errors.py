@@ -46,8 +46,13 @@ def test_checkpoint_from_a_different_task_count(run_fit, capsys, tmp_path):
         tmp_path,
         "--data.init_args.num_tasks",
         "2",
+        "--task_switch.steps_per_task",
+        "2",
         "--ckpt_path",
         "last",
     )
     line = _error_line(capsys, args)
+    assert "other settings: data.init_args.num_tasks (checkpoint 5, config 2)" in line
+    # Accepting the change reaches the module's own check: a stream of another length cannot be resumed.
+    line = _error_line(capsys, [*args, "--allow_changes", "[data.init_args.num_tasks]"])
     assert "5 tasks" in line and "has 2" in line and "data.num_tasks" in line

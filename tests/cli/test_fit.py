@@ -80,6 +80,31 @@ def test_test_and_validate_score_a_checkpoint_on_every_task(run_fit, tmp_path, s
     )
 
 
+def test_a_one_task_stream_fits_tests_and_validates(run_fit, tmp_path, capsys):
+    from cli.main import LifelongCLI
+
+    one = ("--data.init_args.num_tasks", "1", "--task_switch.epochs_per_task", "1")
+    cli = run_fit(ER, tmp_path, *one, "--continual_metrics.print_tables", "true")
+    (report,) = read_reports(tmp_path)
+    ((score,),) = report["matrix"]
+    assert isinstance(score, float) and 0 < score <= 100 and len(report["untrained"]) == 1
+    summary = report["summary"]
+    assert summary["average_accuracy"] == score and summary["average_incremental_accuracy"] == score
+    assert summary["forgetting"] is None and summary["bwt"] is None and summary["fwt"] is None
+    assert "after T1" in capsys.readouterr().out  # the tables were printed
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(cli.trainer.log_dir).Reload()
+    assert "eval/accuracy/matrix" in events.Tags()["images"]
+    assert "eval/accuracy/forgetting" not in events.Tags()["scalars"]  # undefined figures are not logged
+    args = ["-c", config("trainer/cpu.yaml"), "-c", config(ER), "--trainer.default_root_dir", str(tmp_path), *one]
+    args += ["--trainer.enable_progress_bar", "false", "--continual_metrics.print_tables", "false"]
+    for stage in ("test", "validate"):
+        LifelongCLI(args=[stage, *args, "--ckpt_path", str(tmp_path / "checkpoints" / "last.ckpt")])
+        (scored,) = read_reports(tmp_path, f"{stage}_metrics.json")
+        assert scored["trained_tasks"] == 1 and scored["scores"]["accuracy"] == [pytest.approx(score, abs=1e-6)]
+
+
 def test_steps_per_task_runs_exactly_that_many_steps_per_task(run_fit, tmp_path):
     cli = run_fit(FINETUNE, tmp_path, "--task_switch.steps_per_task", "20")
     assert cli.trainer.global_step == 100 and cli.trainer.current_epoch == 5

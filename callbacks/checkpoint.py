@@ -118,10 +118,10 @@ class ContinualCheckpoint(ContinualCallback, Checkpoint):
 
     def _agreed_stop(self, trainer: L.Trainer) -> int | None:
         """The stop signal if any rank received one (the largest number), else None; a collective under DDP."""
-        local = torch.tensor(stop_signal() or 0, device=trainer.strategy.root_device)
-        if trainer.world_size > 1:
-            local = trainer.strategy.reduce(local, reduce_op="max")
-        signum = int(local.item())
+        signum = stop_signal() or 0
+        if trainer.world_size > 1:  # one process needs no tensor (and no device sync)
+            local = torch.tensor(signum, device=trainer.strategy.root_device)
+            signum = int(trainer.strategy.reduce(local, reduce_op="max").item())
         if signum and signum not in StopSignals.received:
             StopSignals.received.append(signum)
         return signum or None

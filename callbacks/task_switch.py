@@ -52,6 +52,8 @@ class TaskSwitch(L.Callback):
     ):
         if steps_per_task is not None and steps_per_task < 1:
             raise ConfigError(f"task_switch.steps_per_task must be at least 1, got {steps_per_task}")
+        if stop_after_task is not None and stop_after_task < 1:
+            raise ConfigError(f"task_switch.stop_after_task must be at least 1 (or null), got {stop_after_task}")
         if epochs_per_task < 1:
             raise ConfigError(f"task_switch.epochs_per_task must be at least 1, got {epochs_per_task}")
         self.steps_per_task = steps_per_task

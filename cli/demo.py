@@ -19,16 +19,20 @@ RUNS = {"Finetune": "finetune_splitdigits.yaml", "ER": "er_splitdigits.yaml"}
 def main(argv: list[str]) -> None:
     from rich.console import Console
 
-    from cli.main import LifelongCLI
+    from cli.errors import ConfigError, fail
+    from cli.main import LifelongCLI, one_line_errors
 
     console = Console()
     rows, log_dirs = {}, []
     for method, config in RUNS.items():
         console.rule(f"[bold]{method} on Split-Digits")
         start = time.perf_counter()
-        cli = LifelongCLI(
-            args=["fit", "-c", str(CONFIGS / "trainer/cpu.yaml"), "-c", str(CONFIGS / "classification" / config), *argv]
-        )
+        args = ["fit", "-c", str(CONFIGS / "trainer/cpu.yaml"), "-c", str(CONFIGS / "classification" / config)]
+        try:
+            with one_line_errors():
+                cli = LifelongCLI(args=[*args, *argv])
+        except ConfigError as err:
+            fail(str(err))
         wall = time.perf_counter() - start
         log_dir = cli.trainer.log_dir
         log_dirs.append(log_dir)

@@ -14,20 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse.typing import PositiveInt
 
-from cli.errors import ConfigError
-from cli.files import atomic_write, check_output_file
-
-
-def _fail(message: str) -> None:
-    print(f"lifelong: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+from cli.errors import ConfigError, fail, parse_args
+from cli.files import atomic_write, check_output_file, check_output_folder, load_torch_file
 
 
 def _parser(prog: str, description: str):
@@ -39,36 +33,13 @@ def _parser(prog: str, description: str):
     return parser
 
 
-def _parse(parser, argv: list[str]):
-    """`parser.parse_args(argv)`, with jsonargparse's error (a traceback, or several lines) as one ConfigError
-    line naming the option."""
-    from jsonargparse import ArgumentError
-
-    try:
-        return parser.parse_args(argv)
-    except ArgumentError as err:
-        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or ["invalid arguments"]
-        missing = re.match(r"the following arguments are required: (.+)", lines[0])
-        if missing:
-            names = [f"--{n.strip()}" for n in missing.group(1).split(",")]
-            raise ConfigError(f"{' and '.join(names)} missing: see {parser.prog} --help") from None
-        key = re.match(r'Parser key "([^"]+)":', lines[0])
-        if key and len(lines) > 1:
-            raise ConfigError(f"--{key.group(1)}: {lines[1]}") from None
-        raise ConfigError(lines[0]) from None
-
-
 def build(configs: list[str], extra: list[str] = ()) -> tuple[Any, Any]:
     """(model, datamodule) as `lifelong fit -c ...` would build them, on CPU, without training."""
-    from cli.main import LifelongCLI
+    from cli.main import build_cli
 
-    args = []
-    for c in configs:
-        if not os.path.exists(c):
-            raise ConfigError(f"--config: {c} not found")
-        args += ["-c", c]
+    args = [a for c in configs for a in ("-c", c)]
     args += ["--trainer.logger", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "1", *extra]
-    cli = LifelongCLI(args=args, run=False)
+    cli = build_cli(args)
     from lightning_modules.diffusion.base import ConceptDiffusionModule
 
     if not isinstance(cli.model, ConceptDiffusionModule):
@@ -80,10 +51,9 @@ def load_weights(model, ckpt_path: str | None, delta: str | None) -> None:
     """Loads a fit checkpoint (`last.ckpt`) or an exported delta into a freshly built model."""
     if (ckpt_path is None) == (delta is None):
         raise ConfigError("pass exactly one of --ckpt_path (a fit checkpoint) or --delta (an exported .safetensors)")
-    path = ckpt_path or delta
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path} not found")
     if delta is not None:
+        if not os.path.isfile(delta):
+            raise ConfigError(f"--delta {delta}: not found (or not a file); pass an exported .safetensors")
         from safetensors.torch import load_file
 
         try:
@@ -92,10 +62,9 @@ def load_weights(model, ckpt_path: str | None, delta: str | None) -> None:
             raise ConfigError(f"--delta {delta}: not a safetensors file ({err})") from None
         model.load_delta(state)
         return
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001  (pickle and zip errors vary)
-        raise ConfigError(f"--ckpt_path {ckpt_path}: not a checkpoint ({type(err).__name__})") from None
+    checkpoint = load_torch_file(ckpt_path, "--ckpt_path")
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ConfigError(f"--ckpt_path {ckpt_path}: not a checkpoint written by lifelong fit")
     model.on_load_checkpoint(checkpoint)
     model.load_delta(checkpoint["state_dict"])
 
@@ -128,16 +97,14 @@ def sample(argv: list[str]) -> None:
     parser.add_argument("--mask", action="append", default=[], help="one mask image per concept (composition)")
     parser.add_argument("--background", type=str, default="", help="background prompt (composition)")
     parser.add_argument("--out", type=str, required=True, help="folder the PNGs go to")
-    parser.add_argument("--num_images", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--num_images", type=PositiveInt, default=4)
+    parser.add_argument("--steps", type=PositiveInt, default=50)
     parser.add_argument("--guidance_scale", type=float, default=6.0)
     parser.add_argument("--eta", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=42)
     try:
-        cfg = _parse(parser, argv)
-        out = Path(cfg.out)
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"--out {out}: exists and is not a folder; choose a folder for the images")
+        cfg = parse_args(parser, argv)
+        out = check_output_folder(cfg.out, "--out")
         model, datamodule = build(cfg.config, cfg.set)
         load_weights(model, cfg.ckpt_path, cfg.delta)
         model.eval()
@@ -164,7 +131,7 @@ def sample(argv: list[str]) -> None:
         for image, name in zip(images, names, strict=True):
             _save_png(image, out / name, "--out")
     except ConfigError as err:
-        _fail(str(err))
+        fail(str(err))
     print(f"wrote {len(names)} images to {out}")
 
 
@@ -188,7 +155,7 @@ def export(argv: list[str]) -> None:
     parser.add_argument("--ckpt_path", type=str, required=True, help="the fit checkpoint (checkpoints/last.ckpt)")
     parser.add_argument("--out", type=str, required=True, help="the .safetensors file: new, or a file to replace")
     try:
-        cfg = _parse(parser, argv)
+        cfg = parse_args(parser, argv)
         check_output_file(cfg.out, "--out")  # before the model is built
         model, _ = build(cfg.config, cfg.set)
         load_weights(model, cfg.ckpt_path, None)
@@ -201,7 +168,7 @@ def export(argv: list[str]) -> None:
         }
         atomic_write(cfg.out, lambda tmp: save_file(delta, tmp, metadata=metadata), "--out")
     except ConfigError as err:
-        _fail(str(err))
+        fail(str(err))
     params = sum(v.numel() for v in delta.values())
     print(f"wrote {cfg.out}: {len(delta)} tensors, {params:,} values, {os.path.getsize(cfg.out):,} bytes")
 
@@ -210,25 +177,25 @@ def make_reg(argv: list[str]) -> None:
     """`lifelong make-reg`: regularisation images of every concept's class, from the base model
     ("<token> <class>" with the untrained token, 50 DDIM steps, eta 1, CFG 6, as the released script)."""
     parser = _parser("lifelong make-reg", "Generate regularisation images with the base model.")
-    parser.add_argument("--num_images", type=int, default=25)
-    parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--num_images", type=PositiveInt, default=25)
+    parser.add_argument("--batch_size", type=PositiveInt, default=4)
+    parser.add_argument("--steps", type=PositiveInt, default=50)
     parser.add_argument("--guidance_scale", type=float, default=6.0)
     parser.add_argument("--seed", type=int, default=0)
     try:
-        cfg = _parse(parser, argv)
+        cfg = parse_args(parser, argv)
         model, datamodule = build(cfg.config, [*cfg.set, "--data.init_args.prior_preservation", "false"])
     except ConfigError as err:
-        _fail(str(err))
+        fail(str(err))
     if datamodule.root is None:
-        _fail("data.root is not set: make-reg writes next to a concepts folder (the embedded concepts ship theirs)")
+        fail("data.root is not set: make-reg writes next to a concepts folder (the embedded concepts ship theirs)")
     model.eval()
     stream = model.stream
     folders = datamodule.regularisation_folders()
     try:
         for cls, folder in folders.items():
             k = stream.classes.index(cls)  # the first concept of the class: its untrained token
-            folder.mkdir(parents=True, exist_ok=True)
+            check_output_folder(folder, "data.reg_root").mkdir(parents=True, exist_ok=True)
             start = len(list(folder.glob("*.png")))
             prompt = f"{stream.tokens[k]} {cls}"
             for first in range(start, cfg.num_images, cfg.batch_size):
@@ -245,4 +212,4 @@ def make_reg(argv: list[str]) -> None:
                     _save_png(image, folder / f"{first + i:04d}.png", "data.reg_root")
             print(f"{folder}: {max(cfg.num_images, start)} images of '{cls}'")
     except ConfigError as err:
-        _fail(str(err))
+        fail(str(err))

@@ -12,6 +12,7 @@ import errno
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from cli.errors import ConfigError
 
@@ -27,6 +28,20 @@ def check_output_file(path: str | os.PathLike, option: str) -> Path:
         if folder.exists():
             if not folder.is_dir():
                 raise ConfigError(f"{option} {p}: {folder} is not a folder; choose another path")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise ConfigError(f"{option} {p}: {folder} is not writable; choose a folder you can write to")
+            break
+    return p
+
+
+def check_output_folder(path: str | os.PathLike, option: str) -> Path:
+    """`path` as a Path if files may be written into it (an existing folder, or one that can be created);
+    else ConfigError naming `option` and the path."""
+    p = Path(path)
+    for folder in (p, *p.resolve().parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(f"{option} {p}: {folder} is not a folder; choose a folder for the files")
             if not os.access(folder, os.W_OK | os.X_OK):
                 raise ConfigError(f"{option} {p}: {folder} is not writable; choose a folder you can write to")
             break
@@ -71,3 +86,20 @@ def atomic_write_text(path: str | os.PathLike, text: str, option: str = "output"
             f.write(text)
 
     atomic_write(path, write, option)
+
+
+def load_torch_file(path: str | os.PathLike, option: str) -> Any:
+    """A torch file a user hands in (a checkpoint, weights), loaded as plain data: `weights_only=True`, so no
+    code in it runs. A missing, unreadable or foreign file is a ConfigError naming `option` and the path."""
+    import torch
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{option} {p}: not found")
+    if p.is_dir():
+        raise ConfigError(f"{option} {p}: a folder, not a file; pass the file inside it")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001  (zip, pickle and unpickling errors vary)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{option} {p}: not a readable torch file ({reason[:160]})") from None

@@ -13,18 +13,22 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import datamodules  # noqa: F401  (registers the datamodules)
 import lightning_modules  # noqa: F401  (registers the methods)
 from callbacks import ContinualMetrics, ExpertFreezing, TaskSwitch  # also registers them for short class names
 from callbacks.checkpoint import LAST, ContinualCheckpoint
 from cli.errors import ConfigError
+from cli.files import check_output_folder, load_torch_file
 from cli.runtime import StopRequested
 from datamodules.base import ContinualDataModule
 from lightning_modules.base import ContinualModule
@@ -142,6 +146,11 @@ class LifelongCLI(LightningCLI):
             **kwargs,
         )
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test (a continual method has no `predict`: it is scored on every task)."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(TaskSwitch, "task_switch")
         parser.add_lightning_class_args(ContinualMetrics, "continual_metrics")
@@ -161,7 +170,14 @@ class LifelongCLI(LightningCLI):
         if not sub:
             return
         config = self.config[sub]
+        check_run_config(config)
         self._settings = run_settings(config)
+        for key in config.get("allow_changes") or []:
+            if key != "all" and not any(k == key or k.startswith(key + ".") for k in self._settings):
+                raise ConfigError(
+                    f"--allow_changes: {key!r} is not a setting of this run; name keys as the resume error lists "
+                    "them (e.g. model.init_args.lr), or all"
+                )
         path = config.get("ckpt_path")
         if path is None:
             if sub in ("test", "validate"):
@@ -205,6 +221,35 @@ class LifelongCLI(LightningCLI):
             raise ConfigError(f"--ckpt_path {path}: not found; pass a checkpoint file (checkpoints/last.ckpt) or last")
         return path
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Runs it; if bad input stops it before it produced anything, the log folder it started is removed."""
+        created = [p for p in _log_folders(self.trainer) if not p.exists()]
+        try:
+            super()._run_subcommand(subcommand)
+        except ConfigError:
+            if self.trainer.is_global_zero:
+                _remove_if_unused(created)
+            raise
+
+    def before_fit(self) -> None:
+        self._read_data("fit")
+
+    def before_validate(self) -> None:
+        self._read_data("validate")
+
+    def before_test(self) -> None:
+        self._read_data("test")
+
+    def _read_data(self, stage: str) -> None:
+        """Prepares and reads the data before Lightning starts its logger, so a missing or bad file stops the
+        run before anything is written. Done by a single process, or by the one that starts the DDP ranks;
+        ranks started by SLURM or torchrun read it in Lightning's own setup. Datamodules keep what they read,
+        so Lightning's later `setup` costs nothing."""
+        if "LOCAL_RANK" in os.environ or SLURMEnvironment.detect() or TorchElasticEnvironment.detect():
+            return
+        self.datamodule.prepare_data()
+        self.datamodule.setup(stage)
+
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
         for cb in getattr(self.trainer, "callbacks", []):
@@ -218,22 +263,90 @@ class LifelongCLI(LightningCLI):
         given = list(config.get("callbacks") or []) + list(extra_callbacks)
         if config.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in given):
             config["callbacks"] = list(config.get("callbacks") or []) + [RichProgressBar()]
-        return super()._instantiate_trainer(config, extra_callbacks)
+        try:
+            return super()._instantiate_trainer(config, extra_callbacks)
+        except (MisconfigurationException, ValueError, TypeError) as err:  # Lightning checks the trainer's settings
+            raise ConfigError(f"trainer: {' '.join(str(err).split())}") from None
+
+
+#: what a run writes into its log folder before it has produced anything
+_STARTUP_FILES = ("config.yaml", "hparams.yaml", "events.out.tfevents.")
+
+
+def _log_folders(trainer: Any) -> list[Path]:
+    """The run's log folder and its parents, innermost first."""
+    if trainer is None or trainer.logger is None or trainer.log_dir is None:
+        return []
+    folder = Path(trainer.log_dir).resolve()
+    return [folder, *folder.parents]
+
+
+def _remove_if_unused(created: list[Path]) -> None:
+    """Removes folders this run created, innermost first, while they hold only what a start writes."""
+    for folder in created:
+        if not folder.is_dir():
+            continue
+        entries = list(folder.iterdir())
+        if any(e.is_dir() or not e.name.startswith(_STARTUP_FILES) for e in entries):
+            return
+        for entry in entries:
+            entry.unlink()
+        folder.rmdir()
+
+
+def check_run_config(config: Any) -> None:
+    """Settings that would otherwise fail late, be overridden silently, or write where nothing can be written."""
+    trainer = config.get("trainer") or {}
+    for key in ("max_epochs", "max_steps"):
+        value = trainer.get(key)
+        if value not in (None, -1):
+            raise ConfigError(
+                f"trainer.{key}={value}: the task clock sets how long a run is; use task_switch.epochs_per_task, "
+                "task_switch.steps_per_task or task_switch.stop_after_task"
+            )
+    if trainer.get("limit_train_batches") in (0, 0.0):
+        raise ConfigError("trainer.limit_train_batches=0 trains nothing; leave it unset (or use a fraction above 0)")
+    accumulate = trainer.get("accumulate_grad_batches")
+    if accumulate is not None and accumulate < 1:
+        raise ConfigError(f"trainer.accumulate_grad_batches must be at least 1, got {accumulate}")
+    seed = config.get("seed_everything")
+    if not isinstance(seed, bool) and isinstance(seed, int) and not 0 <= seed < 2**32:
+        raise ConfigError(f"seed_everything={seed}: choose a seed from 0 to {2**32 - 1} (or true for a random one)")
+    if trainer.get("default_root_dir"):
+        check_output_folder(trainer["default_root_dir"], "trainer.default_root_dir")
+
+
+def check_config_files(args: list[str]) -> None:
+    """Each `-c FILE` exists and is YAML with settings: otherwise one line with the file (and line) at fault."""
+    import yaml
+
+    files = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-c", "--config")]
+    files += [a.split("=", 1)[1] for a in args if a.startswith(("-c=", "--config="))]
+    for path in files:
+        if not os.path.isfile(path):
+            raise ConfigError(f"-c {path}: not found; pass an experiment YAML such as configs/classification/...")
+        try:
+            with open(path) as f:
+                content = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            mark, context = getattr(err, "problem_mark", None), getattr(err, "context_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            if context is not None and mark is not None and context.line != mark.line:
+                problem += f", in what starts at line {context.line + 1}"
+            raise ConfigError(f"-c {path}{where}: not valid YAML ({problem}); fix the file") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"-c {path}: cannot be read ({err}); pass a YAML text file") from None
+        if content is not None and not isinstance(content, dict):
+            raise ConfigError(f"-c {path}: holds a {type(content).__name__}, not settings (key: value lines)")
 
 
 def _read_checkpoint(path: str) -> dict:
     """A checkpoint loaded as plain data (no code runs), or ConfigError naming the file and what it is not."""
-    if os.path.isdir(path):
-        raise ConfigError(f"--ckpt_path {path}: a folder, not a checkpoint file; pass the .ckpt file inside it")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001  (pickle, zip and unpickling errors vary)
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ConfigError(
-            f"--ckpt_path {path}: not a readable checkpoint ({reason[:160]}); pass a .ckpt written by lifelong fit"
-        ) from None
-    if not isinstance(checkpoint, dict) or "continual" not in checkpoint:
-        raise ConfigError(f"--ckpt_path {path}: not a checkpoint written by lifelong fit (no 'continual' entry)")
+    checkpoint = load_torch_file(path, "--ckpt_path")
+    needed = ("state_dict", "continual", "pytorch-lightning_version")
+    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in needed):
+        raise ConfigError(f"--ckpt_path {path}: not a checkpoint written by lifelong fit (no {'/'.join(needed)})")
     return checkpoint
 
 
@@ -249,6 +362,7 @@ EXTRA_COMMANDS = {
 _NOISE = (
     "Expected a <class 'NoneType'>",
     "Expected a path",
+    "Expected a dot import path string",
     "Does not validate against",
     "Subtypes:",
     "Errors:",
@@ -266,29 +380,70 @@ def _subclass_names(base: type) -> list[str]:
     return sorted(found)
 
 
+def _type_name(text: str) -> str:
+    """ "a <class 'int'>" or "<class 'int'>" -> "an int"; other type descriptions unchanged."""
+    match = re.search(r"<class '(?:[\w.]+\.)?(\w+)'>", text)
+    if not match:
+        return text
+    name = match.group(1)
+    return f"an {name}" if name[:1] in "aeiou" else f"a {name}"
+
+
 def _one_line(err: BaseException) -> str:
-    """The informative line of a jsonargparse error (they nest the reason several levels deep)."""
+    """The informative line of a jsonargparse error, which nests the reason several levels deep: the full
+    key (`model.init_args.optimizer.init_args.lr`), what was expected and what was given."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     if not lines:
         return type(err).__name__
-    key = re.match(r'Parser key "([^"]+)"', lines[0])
-    prefix = f"{key.group(1)}: " if key else ""
-    base = {"model": ContinualModule, "data": ContinualDataModule}.get(key.group(1) if key else "")
+    top = re.match(r'Parser key "([^"]+)"', lines[0])
+    base = {"model": ContinualModule, "data": ContinualDataModule}.get(top.group(1) if top else "")
     choices = f"; choose one of: {', '.join(_subclass_names(base))}" if base else ""
+    prefix = f"{top.group(1)}: " if top else ""
+    nested = "Problem with given class_path" in str(err)
     for i, line in enumerate(lines):
         unknown = re.search(r"Expected a dot import path string: (\S+)", line)
-        if unknown:
+        if unknown and not nested:
             return f"{prefix}unknown class_path {unknown.group(1)!r}{choices}"
         bad = re.match(r"- Problem with given class_path '([^']+)':", line)
-        if bad and i + 1 < len(lines):
-            reason = lines[i + 1]
+        if bad:
+            reason = lines[i + 1] if i + 1 < len(lines) else ""
             if "has no attribute" in reason or "No module named" in reason:
                 return f"{prefix}unknown class_path {bad.group(1)!r}{choices}"
-            return f"{prefix}{bad.group(1)}: {reason}"
+            break
+    # The key path: the top key, then each nested key (arguments of a class sit under init_args).
+    path = [top.group(1)] if top else []
+    for line in lines[1:]:
+        if "Problem with given class_path" in line and path:
+            path.append("init_args")
+        if "callable class" in line:  # a class given by class_path/init_args, e.g. the optimizer
+            path.append("init_args")
+        path.extend(re.findall(r'Parser key "([^"]+)"', line))
+    while path and path[-1] == "init_args":
+        path.pop()
+    where = ".".join(path)
+    given = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Given value:")), None)
+    given = None if given is None else given.split(". Got value:")[0]
+    for line in lines[1:]:
+        text = line.lstrip("- ").strip()
+        called = re.search(r"expects a function or a callable class: (.+?)(?:\. Got value: (.+))?$", text)
+        if called and not called.group(1).startswith("Parser key"):
+            reason = called.group(1)
+            if "has no attribute" in reason or "No module named" in reason:
+                reason = f"unknown class {called.group(2)!r}"
+            return f"{where}: {reason}"
+        typed = re.match(r"Expected (a <class '[^']+'>|.+?)\. Got value: (.+)$", text)
+        if typed:
+            return f"{where}: expected {_type_name(typed.group(1))}, got {typed.group(2)!r}"
+        if re.match(r"Option '([^']+)' is not accepted", text):
+            return f"{where}: {text}" if where else text
+    expected = [re.match(r"Expected (a <class '[^']+'>)", ln.lstrip("- ")) for ln in lines]
+    expected = [m.group(1) for m in expected if m and "NoneType" not in m.group(1)]
+    if expected and given is not None:
+        return f"{where}: expected {' or '.join(_type_name(e) for e in expected)}, got {given!r}"
     for line in lines[1:]:
         text = line.lstrip("- ").strip()
         if line.startswith("-") and not text.startswith(_NOISE):
-            return text if key and text.startswith(key.group(1)) else prefix + text
+            return text if top and text.startswith(top.group(1)) else prefix + text
     return lines[0]
 
 
@@ -300,6 +455,7 @@ def main(argv: list[str] | None = None) -> None:
         getattr(__import__(module, fromlist=[func]), func)(args[1:])
         return
     try:
+        check_config_files(args)
         LifelongCLI(args=argv)
     except StopRequested as stop:
         if _is_rank_zero():
@@ -312,6 +468,29 @@ def main(argv: list[str] | None = None) -> None:
         if _is_rank_zero():
             print(f"lifelong: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Turns a user's mistake raised inside the block (a ConfigError, or jsonargparse's nested parse error) into
+    a ConfigError holding its one line; anything else passes unchanged."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as err:
+        message = _user_error(err)
+        if message is None:
+            raise
+        raise ConfigError(message) from None
+
+
+def build_cli(args: list[str]) -> LifelongCLI:
+    """The model, data and trainer that `lifelong fit <args>` would build, without running anything (for the
+    subcommands that sample, export or generate); bad input raises ConfigError with one line."""
+    with one_line_errors():
+        check_config_files(args)
+        return LifelongCLI(args=args, run=False)
 
 
 def _is_rank_zero() -> bool:

@@ -13,14 +13,7 @@ make them ahead of time or elsewhere.
 
 from __future__ import annotations
 
-import sys
-
-from cli.errors import ConfigError
-
-
-def _fail(message: str) -> None:
-    print(f"lifelong: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+from cli.errors import ConfigError, fail, parse_args
 
 
 def _parser():
@@ -58,13 +51,11 @@ def _parser():
 
 def make_demos(argv: list[str]) -> None:
     """`lifelong make-demos`: writes the missing demo files of a suite; one line and exit 2 on bad input."""
-    from jsonargparse import ArgumentError
-
     from datamodules.robot.demos import DemoSettings, make_suite_demos
     from datamodules.robot.suites import resolve_suite
 
     try:
-        cfg = _parser().parse_args(argv)
+        cfg = parse_args(_parser(), argv)
         suite = resolve_suite(cfg.suite, cfg.tasks)
         settings = DemoSettings(
             demos=cfg.demos,
@@ -77,6 +68,4 @@ def make_demos(argv: list[str]) -> None:
         )
         make_suite_demos(suite, cfg.out, settings, progress=cfg.progress, replace_stale=cfg.replace_stale)
     except ConfigError as err:
-        _fail(str(err))
-    except ArgumentError as err:
-        _fail(next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "invalid arguments"))
+        fail(str(err))

@@ -167,6 +167,11 @@ class ContinualDataModule(L.LightningDataModule):
         seed: int | None = None,
     ):
         super().__init__()
+        for option, value, least in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1)):
+            if value < least:
+                raise ConfigError(f"data.{option} must be at least {least}, got {value}")
+        if num_workers < 0:
+            raise ConfigError(f"data.num_workers must be 0 (load in the main process) or more, got {num_workers}")
         if train_on not in ("current", "seen", "all"):
             raise ConfigError(f"data.train_on: {train_on!r} is not one of 'current', 'seen', 'all'")
         self.batch_size = batch_size

@@ -16,7 +16,7 @@ from datamodules.images import ImageClassIncremental, torchvision_datasets
 from datamodules.restricted_pickle import load_restricted
 
 
-def read_cifar_batch(path: Path, label_key: str) -> tuple[Tensor, Tensor]:
+def read_cifar_batch(path: Path, label_key: str, num_classes: int | None = None) -> tuple[Tensor, Tensor]:
     """One pickled CIFAR batch: uint8 images [N, 3, 32, 32] and int64 labels. Read without running code:
     a file that names any class or function beyond numpy's arrays is refused (`load_restricted`)."""
     try:
@@ -28,6 +28,9 @@ def read_cifar_batch(path: Path, label_key: str) -> tuple[Tensor, Tensor]:
         raise ConfigError(f"{path}: not a CIFAR python batch ({err}); re-extract the dataset archive") from None
     if len(data) != len(labels):
         raise ConfigError(f"{path}: {len(data)} images but {len(labels)} labels; re-extract the dataset archive")
+    if num_classes is not None and len(labels) and not (0 <= labels.min() and labels.max() < num_classes):
+        bad = int(labels.min()) if labels.min() < 0 else int(labels.max())
+        raise ConfigError(f"{path}: label {bad} is outside 0..{num_classes - 1}; re-extract the dataset archive")
     return torch.from_numpy(data.copy()), torch.from_numpy(labels)
 
 
@@ -56,8 +59,8 @@ class _SplitCIFAR(ImageClassIncremental):
                     f"data.root: {folder / name} not found; extract {self.archive} into {self.root} "
                     f"(it creates {self.folder}/), or set data.init_args.download: true"
                 )
-        train = [read_cifar_batch(folder / n, self.label_key) for n in self.train_files]
-        test = [read_cifar_batch(folder / n, self.label_key) for n in self.test_files]
+        train = [read_cifar_batch(folder / n, self.label_key, self.num_classes) for n in self.train_files]
+        test = [read_cifar_batch(folder / n, self.label_key, self.num_classes) for n in self.test_files]
         self._split(
             torch.cat([x for x, _ in train]),
             torch.cat([y for _, y in train]),

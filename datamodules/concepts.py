@@ -84,7 +84,11 @@ def _images_in(folder: Path) -> list[Path]:
 
 
 def _lines(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({err}); write one line per caption or prompt") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def _open_rgb(path: Path):
@@ -329,6 +333,20 @@ class ConceptDataModule(ContinualDataModule):
         names = self.concepts
         if names is None:
             names = sorted(p.name for p in root.iterdir() if (p / "caption.txt").is_file())
+            # A folder of photos without captions is a concept the user meant to include, not one to skip.
+            uncaptioned = sorted(
+                p.name
+                for p in root.iterdir()
+                if p.is_dir()
+                and p.name not in names
+                and p.name not in ("prompts", "reg")
+                and any(f.suffix.lower() in IMAGE_SUFFIXES for f in p.iterdir())
+            )
+            if uncaptioned:
+                raise ConfigError(
+                    f"{root / uncaptioned[0]}: images but no caption.txt; write one caption per image there (or "
+                    "list the concepts to use in data.concepts)"
+                )
             if not names:
                 raise ConfigError(f"data.root: no concept folders (images + caption.txt) under {root}")
         if len(set(names)) != len(names):

@@ -23,14 +23,17 @@ def list_image_folder(folder: Path, classes: Sequence[str] | None = None) -> tup
         classes = found
     elif unknown := sorted(set(found) - set(classes)):
         raise ConfigError(f"{folder}: classes {unknown[:5]} are not in the training split; rename or remove them")
+    if not found:
+        raise ConfigError(f"{folder}: no class subfolders; put one subfolder of images per class there")
     files, labels = [], []
     for label, name in enumerate(classes):
         sub = folder / name
         images = sorted(p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if sub.is_dir() else []
+        if not images:  # a class without images would silently shrink (or empty) its task
+            kinds = ", ".join(sorted(IMAGE_SUFFIXES))
+            raise ConfigError(f"{sub}: no images ({kinds}) of class {name!r}; add them or remove the class everywhere")
         files += images
         labels += [label] * len(images)
-    if not files:
-        raise ConfigError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in its class subfolders")
     return list(classes), files, labels
 
 
@@ -57,8 +60,7 @@ class SplitImageFolder(ImageClassIncremental):
     ):
         super().__init__(root=root, num_tasks=num_tasks, class_order=class_order, **kwargs)
         self.train_split, self.test_split = train_split, test_split
-        self._resize = tuple(image_size) if image_size is not None else None
-        self.mean, self.std = tuple(mean), tuple(std)
+        self._set_geometry(image_size, mean, std)
         # The stream (classes, input size) is known once the folder is listed: list it now, decode later.
         self.classes, self._train_files, self._train_labels = list_image_folder(self.root / train_split)
         self._adopt_classes(len(self.classes), self._train_files[0], str(self._train_files[0]))

@@ -34,6 +34,15 @@ class ImageClassIncremental(ClassIncrementalDataModule):
             self._check_split(self.num_classes)
             self.build_transforms()
 
+    def _set_geometry(self, image_size: Sequence[int] | None, mean: Sequence[float], std: Sequence[float]) -> None:
+        """The user's `image_size` ([H, W] or None: keep each image's) and normalisation, checked."""
+        if image_size is not None and (len(image_size) != 2 or min(image_size) < 1):
+            raise ConfigError(f"data.image_size must be [height, width] of at least 1 pixel, got {image_size}")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ConfigError(f"data.mean and data.std need 3 values and std > 0 (it divides), got {mean}, {std}")
+        self._resize = tuple(image_size) if image_size is not None else None
+        self.mean, self.std = tuple(mean), tuple(std)
+
     def build_transforms(self) -> None:
         """Sets the kornia transforms (and the stream's `normalization`) from `input_shape`, `mean`, `std`."""
         size = tuple(self.input_shape[1:])

@@ -10,6 +10,7 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from cli.errors import ConfigError
 from datamodules.base import ClassIncrementalDataModule
 
 
@@ -29,6 +30,8 @@ class SplitDigits(ClassIncrementalDataModule):
         **kwargs,
     ):
         super().__init__(num_tasks=num_tasks, class_order=class_order, **kwargs)
+        if not 0 < test_fraction < 1:
+            raise ConfigError(f"data.test_fraction must be between 0 and 1 (exclusive), got {test_fraction}")
         self.test_fraction = test_fraction
         self.split_seed = split_seed
         self._check_split(self.num_classes)  # fail at construction, before any training

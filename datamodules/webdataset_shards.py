@@ -81,8 +81,7 @@ class SplitWebDataset(ImageClassIncremental):
         **kwargs,
     ):
         super().__init__(root=root, num_tasks=num_tasks, class_order=class_order, **kwargs)
-        self.mean, self.std = tuple(mean), tuple(std)
-        self._resize = tuple(image_size) if image_size is not None else None
+        self._set_geometry(image_size, mean, std)
         self._keys = image_keys, label_key
         # The stream (classes, input size) must be known before the model is built: read the training shards now.
         self._train_blobs, self._train_labels, self._train_names = read_shards(self.root, train_shards, *self._keys)

@@ -40,6 +40,8 @@ class ContinualModule(L.LightningModule):
         self.current_task = 0
         self._optimizer_factory = optimizer
         self._scheduler_factory = lr_scheduler
+        # Their arguments are checked now, on a stand-in parameter, so a bad one fails before anything runs.
+        self.with_scheduler(self.build_optimizer([nn.Parameter(torch.zeros(1))]))
 
     # -- task hooks (called by callbacks.TaskSwitch) ----------------------------------------------
     def on_task_start(self, task_id: int) -> None:
@@ -53,11 +55,25 @@ class ContinualModule(L.LightningModule):
         """The parameters the optimizer of the current task updates."""
         return [p for p in self.parameters() if p.requires_grad]
 
-    def configure_optimizers(self) -> Any:
-        optimizer = self._optimizer_factory(self.trainable_parameters())
+    def build_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        """The configured optimizer over `params`; its argument errors (torch checks lr, betas, ...) as one line."""
+        try:
+            return self._optimizer_factory(params)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"model.optimizer: {err}; fix its init_args") from None
+
+    def with_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
+        """What `configure_optimizers` returns for `optimizer`: it alone, or with the configured LR scheduler."""
         if self._scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self._scheduler_factory(optimizer)}
+        try:
+            scheduler = self._scheduler_factory(optimizer)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"model.lr_scheduler: {err}; fix its init_args") from None
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def configure_optimizers(self) -> Any:
+        return self.with_scheduler(self.build_optimizer(self.trainable_parameters()))
 
     # -- evaluation ---------------------------------------------------------------------------
     def eval_step(self, batch: dict[str, Tensor], task_id: int) -> dict[str, Tensor]:
@@ -71,6 +87,19 @@ class ContinualModule(L.LightningModule):
         return self.eval_step(batch, dataloader_idx)
 
     # -- checkpoints --------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """As torch's, with weights that do not fit this model (another method or size) as one ConfigError line."""
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as err:
+            if "Error(s) in loading state_dict" not in str(err):
+                raise
+            detail = " ".join(str(err).splitlines()[1:2]).strip()[:200]
+            raise ConfigError(
+                f"--ckpt_path: the checkpoint's weights do not fit {type(self).__name__} with these settings "
+                f"({detail}); use the method and settings it was trained with"
+            ) from None
+
     def rank_local_state(self) -> dict:
         """State that differs between DDP ranks (e.g. each rank's replay buffer); saved for every rank."""
         return {}

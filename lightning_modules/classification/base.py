@@ -108,6 +108,10 @@ class ReplayModule(ClassIncrementalModule):
 
     def __init__(self, buffer_size: int = 200, minibatch_size: int | None = None, **kwargs):
         super().__init__(**kwargs)
+        if minibatch_size is not None and minibatch_size < 1:
+            raise ConfigError(
+                f"model.minibatch_size must be at least 1 (or null for the batch size), got {minibatch_size}"
+            )
         self.buffer_size = buffer_size
         self.minibatch_size = minibatch_size
         self.buffer = ReservoirBuffer(buffer_size)

@@ -117,7 +117,13 @@ class ConceptDiffusionModule(ContinualModule):
                 f"the delta does not fit this model ({len(missing)} entries missing, {len(unexpected)} unexpected, "
                 f"e.g. {sorted(missing or unexpected)[0]}): load it with the config it was trained with"
             )
-        self.load_state_dict(delta, strict=False)
+        try:
+            self.load_state_dict(delta, strict=False)
+        except ConfigError:
+            raise ConfigError(
+                "the delta does not fit this model (tensor sizes differ, e.g. another rank): load it with the "
+                "config it was trained with"
+            ) from None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -19,7 +19,7 @@ class ReservoirBuffer:
 
     def __init__(self, capacity: int, seed: int = 0):
         if capacity < 1:
-            raise ConfigError(f"buffer_size must be at least 1, got {capacity}")
+            raise ConfigError(f"model.buffer_size must be at least 1, got {capacity}")
         self.capacity = capacity
         self.num_seen = 0
         self.data: dict[str, Tensor] = {}

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cli.errors import ConfigError
+from cli.files import load_torch_file
 from lightning_modules.nn.backbones import register_backbone
 
 #: random-weight presets of the HF ViT architecture (`tiny` for tests and CPU runs, `base` = ViT-B/16).
@@ -243,9 +244,12 @@ def _read_weights(path: Path, model: nn.Module) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as err:  # noqa: BLE001  (safetensors raises its own error types)
+            raise ConfigError(f"timm checkpoint {path}: not a safetensors file ({err})") from None
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch_file(path, "timm checkpoint")
         state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
     own = model.state_dict()
     classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "head")

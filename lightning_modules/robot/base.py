@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from cli.errors import ConfigError
+from cli.files import load_torch_file
 from cli.runtime import run_seed
 from datamodules.robot.stream import is_image_key
 from lightning_modules.base import ContinualModule
@@ -127,9 +128,11 @@ class RobotImitationModule(ContinualModule):
     # -- weights ------------------------------------------------------------------------------------
     def load_policy(self, path: str) -> None:
         """Loads pretrained foundation weights (the lifelong phase starts from them)."""
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise ConfigError(f"model.policy_checkpoint: {path} does not exist; train one with a multitask run")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch_file(path, "model.policy_checkpoint")
+        if not isinstance(state, dict):
+            raise ConfigError(f"model.policy_checkpoint {path}: holds no weights; pass a checkpoint of a robot policy")
         state = state.get("state_dict", state)
         if any(k.startswith("policy.") for k in state):
             state = {k[len("policy.") :]: v for k, v in state.items() if k.startswith("policy.")}

@@ -163,13 +163,11 @@ class DMPEL(RobotImitationModule):
         ]
 
     def configure_optimizers(self) -> Any:
-        optimizer = self._optimizer_factory(self.trainable_parameters())
+        optimizer = self.build_optimizer(self.trainable_parameters())
         for group in optimizer.param_groups:
             if group.get("name") == "router":
                 group["lr"] = group["lr"] * self.router_lr_scale
-        if self._scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self._scheduler_factory(optimizer)}
+        return self.with_scheduler(optimizer)
 
     def added_parameters(self, task_id: int) -> int:
         """Parameters a task adds: its expert in every wrapped layer plus its router."""

@@ -152,7 +152,7 @@ class PackNet(RobotImitationModule):
         """`post_prune_epochs` epochs over the task's windows with a fresh optimizer; the same batches and
         random draws on every rank, then rank 0's weights everywhere (no gradient sync in this loop)."""
         params = self.trainable_parameters()
-        optimizer = self._optimizer_factory(params)
+        optimizer = self.build_optimizer(params)
         clip, algorithm = self.trainer.gradient_clip_val, self.trainer.gradient_clip_algorithm
         seed = end_of_task_seed(task_id)
         with module_mode(self, True), torch.random.fork_rng(devices=[]):

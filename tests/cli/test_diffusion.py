@@ -345,5 +345,5 @@ def test_sample_out_must_be_a_folder(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         sample(["-c", config(R2MOE), "--prompt", "x", "--delta", "d.safetensors", "--out", str(mine)])
     assert stop.value.code == 2
-    assert _one_line_error(capsys) == f"--out {mine}: exists and is not a folder; choose a folder for the images"
+    assert _one_line_error(capsys) == f"--out {mine}: {mine} is not a folder; choose a folder for the files"
     assert mine.read_text() == "mine"

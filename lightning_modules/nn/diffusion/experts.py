@@ -18,6 +18,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from cli.errors import ConfigError
+
 
 @dataclass
 class GateContext:
@@ -140,6 +142,9 @@ class ExpertBank(nn.Module):
         super().__init__()
         if removed_experts not in ("masked", "faithful"):
             raise ValueError(f"removed_experts must be 'masked' or 'faithful', got {removed_experts!r}")
+        for option, value in (("rank", rank), ("top_k", top_k)):
+            if value < 1:
+                raise ConfigError(f"model.{option} must be at least 1, got {value}")
         self.context = GateContext()
         d_text = unet.config.cross_attention_dim
         names = [n for n, m in unet.named_modules() if CROSS_ATTENTION_KV.match(n) and m.in_features == d_text]

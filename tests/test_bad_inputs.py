@@ -1,0 +1,659 @@
+"""The catalogue of bad inputs. Each case runs a `lifelong` command in this process and must end with exit code
+2, exactly one stderr line `lifelong: error: ...` that contains the expected words (the option or file, what
+is wrong), no traceback, and no file written or changed in the case's folder. Add a case with every new
+reader or option."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import config, fit_args
+
+ER = "classification/er_splitdigits.yaml"
+FAST = ("--data.init_args.num_tasks", "2", "--task_switch.steps_per_task", "2")
+CIFAR = "classification/er_cifar10.yaml"
+FOLDER = "classification/er_splitdigits.yaml"
+R2MOE = "diffusion/r2moe_concepts_tiny.yaml"
+ROBOT = "robot/er_cw3.yaml"
+ROBOT_FAST = (
+    "--data.init_args.suite=null",
+    "--data.init_args.tasks=[reach-v3]",
+    "--data.init_args.demos=2",
+    "--data.init_args.horizon=30",
+    "--data.init_args.eval_episodes=1",
+    "--model.init_args.language_encoder=tiny",
+    "--model.init_args.rollout_workers=0",
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    """`args(folder)` are the command's arguments; `prepare(folder, trained)` writes the case's files first
+    (`trained` is a folder holding a finished ER run's `checkpoints/last.ckpt`)."""
+
+    id: str
+    args: Callable[[Path], list[str]]
+    expect: tuple[str, ...]
+    prepare: Callable[[Path, Path], None] | None = None
+    marks: tuple = field(default=())
+
+
+def fit(folder: Path, *extra: str, experiment: str = ER) -> list[str]:
+    return fit_args(experiment, folder / "run", *FAST, *extra)
+
+
+def stage(name: str, folder: Path, *extra: str, experiment: str = ER) -> list[str]:
+    return [name, "-c", config("trainer/cpu.yaml"), "-c", config(experiment), *FAST, *extra]
+
+
+def copy_checkpoint(folder: Path, trained: Path) -> None:
+    (folder / "run" / "checkpoints").mkdir(parents=True)
+    shutil.copy(trained / "checkpoints" / "last.ckpt", folder / "run" / "checkpoints" / "last.ckpt")
+
+
+def write(name: str, content: bytes | str) -> Callable[[Path, Path], None]:
+    def prepare(folder: Path, trained: Path) -> None:
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+
+    return prepare
+
+
+def truncated_checkpoint(folder: Path, trained: Path) -> None:
+    data = (trained / "checkpoints" / "last.ckpt").read_bytes()
+    (folder / "half.ckpt").write_bytes(data[: len(data) // 2])
+
+
+def plain_torch_file(folder: Path, trained: Path) -> None:
+    torch_file("plain.ckpt", {"a": 1})(folder, trained)
+
+
+def torch_file(name: str, content) -> Callable[[Path, Path], None]:
+    def prepare(folder: Path, trained: Path) -> None:
+        import torch
+
+        torch.save(content, folder / name)
+
+    return prepare
+
+
+def data(folder: Path, class_path: str, root: Path, *extra: str, **init_args) -> list[str]:
+    """`fit` of ER on another datamodule, read from `root`."""
+    import json
+
+    spec = {"class_path": class_path, "init_args": {"root": str(root), **init_args}}
+    return fit_args(ER, folder / "run", "--task_switch.steps_per_task", "2", "--data", json.dumps(spec), *extra)
+
+
+def image_folder(empty_class: str | None = None, test_missing: str | None = None) -> Callable[[Path, Path], None]:
+    def prepare(folder: Path, trained: Path) -> None:
+        from PIL import Image
+
+        for split in ("train", "test"):
+            for name in ("cat", "dog"):
+                sub = folder / "images" / split / name
+                sub.mkdir(parents=True)
+                if name != empty_class and not (split == "test" and name == test_missing):
+                    Image.new("RGB", (8, 8), (40, 80, 120)).save(sub / "0.png")
+        if test_missing:
+            (folder / "images" / "test" / test_missing).rmdir()
+
+    return prepare
+
+
+def cifar(crafted=False, missing: str | None = None, garbage: str | None = None, labels: int | None = None) -> Callable:
+    def prepare(folder: Path, trained: Path) -> None:
+        from tests.datamodules.test_cifar import write_cifar10
+
+        write_cifar10(folder / "data")
+        batches = folder / "data" / "cifar-10-batches-py"
+        if missing:
+            (batches / missing).unlink()
+        if garbage:
+            (batches / garbage).write_text("garbage")
+        if labels is not None:
+            import pickle
+
+            import numpy as np
+
+            data = np.zeros((10, 3072), dtype=np.uint8)
+            (batches / "data_batch_1").write_bytes(pickle.dumps({b"data": data, b"labels": [labels] * 10}))
+        if crafted:
+            import pickle
+
+            class Payload:
+                def __reduce__(self):
+                    return (os.system, (f"touch {folder / 'ran'}",))
+
+            (batches / "data_batch_2").write_bytes(pickle.dumps({b"data": Payload(), b"labels": []}))
+
+    return prepare
+
+
+def concepts(caption=True, captions: int = 2, binary_captions=False, reg_file: str | None = None) -> Callable:
+    def prepare(folder: Path, trained: Path) -> None:
+        from tests.datamodules.test_concepts import write_concept
+
+        write_concept(folder / "concepts", "mug", ["a photo of a mug"] * 2)
+        write_concept(folder / "concepts", "cat", ["a photo of a cat"] * 2)
+        (folder / "concepts" / "cat" / "caption.txt").write_text("a photo of a cat\n" * captions)
+        if not caption:
+            (folder / "concepts" / "cat" / "caption.txt").unlink()
+        if binary_captions:
+            (folder / "concepts" / "cat" / "caption.txt").write_bytes(bytes(range(128, 256)))
+        if reg_file:
+            (folder / "concepts" / "reg").mkdir()
+            (folder / "concepts" / "reg" / reg_file).write_text("a file where a folder goes")
+
+    return prepare
+
+
+def concept_fit(folder: Path) -> list[str]:
+    root = f"--data.init_args.root={folder / 'concepts'}"
+    return fit_args(R2MOE, folder / "run", root, "--data.init_args.prior_preservation=false")
+
+
+def robot(*extra: str) -> Callable[[Path], list[str]]:
+    return lambda f: fit_args(ROBOT, f / "run", *ROBOT_FAST, "--model.init_args.policy_checkpoint=null", *extra)
+
+
+CKPT = "run/checkpoints/last.ckpt"
+
+CASES = [
+    # -- the command line and config files ---------------------------------------------------------------
+    Case("config file missing", lambda f: ["fit", "-c", str(f / "nope.yaml")], ("-c", "nope.yaml", "not found")),
+    Case(
+        "config file not YAML",
+        lambda f: ["fit", "-c", str(f / "bad.yaml")],
+        ("bad.yaml", "line 4", "starts at line 3", "not valid YAML"),
+        write("bad.yaml", "model:\n  class_path: lightning_modules.ER\n  init_args: {buffer_size: 3\n"),
+    ),
+    Case(
+        "config file a list",
+        lambda f: ["fit", "-c", str(f / "list.yaml")],
+        ("list.yaml", "not settings"),
+        write("list.yaml", "- a\n- b\n"),
+    ),
+    Case("unknown method", lambda f: fit(f, "--model", "Nope"), ("model", "unknown class_path 'Nope'", "ER")),
+    Case(
+        "unknown data class",
+        lambda f: fit(f, "--data", "datamodules.Nope"),
+        ("data", "unknown class_path", "SplitDigits"),
+    ),
+    Case(
+        "misspelled option",
+        lambda f: fit(f, "--model.init_args.buffer_sise", "3"),
+        ("model", "'buffer_sise' is not accepted"),
+    ),
+    Case(
+        "wrong type of an int",
+        lambda f: fit(f, "--data.init_args.batch_size", "abc"),
+        ("data.init_args.batch_size", "expected an int", "'abc'"),
+    ),
+    Case(
+        "float for an int",
+        lambda f: fit(f, "--model.init_args.buffer_size", "1.5"),
+        ("model.init_args.buffer_size", "expected an int", "'1.5'"),
+    ),
+    Case(
+        "wrong type of an optimizer argument",
+        lambda f: fit(f, "--model.init_args.optimizer.init_args.lr", "abc"),
+        ("model.init_args.optimizer.init_args.lr", "expected a float", "'abc'"),
+    ),
+    Case(
+        "unknown optimizer",
+        lambda f: fit(f, "--model.init_args.optimizer", "torch.optim.Nope"),
+        ("model.init_args.optimizer", "unknown class 'torch.optim.Nope'"),
+    ),
+    Case(
+        "negative learning rate",
+        lambda f: fit(f, "--model.init_args.optimizer.init_args.lr", "-0.1"),
+        ("model.optimizer", "Invalid learning rate: -0.1"),
+    ),
+    Case("batch size 0", lambda f: fit(f, "--data.init_args.batch_size", "0"), ("data.batch_size", "at least 1")),
+    Case("negative batch size", lambda f: fit(f, "--data.init_args.batch_size", "-4"), ("data.batch_size",)),
+    Case("negative workers", lambda f: fit(f, "--data.init_args.num_workers", "-1"), ("data.num_workers",)),
+    Case("minibatch size 0", lambda f: fit(f, "--model.init_args.minibatch_size", "0"), ("model.minibatch_size",)),
+    Case("negative buffer", lambda f: fit(f, "--model.init_args.buffer_size", "-1"), ("model.buffer_size",)),
+    Case(
+        "tasks that do not split",
+        lambda f: fit(f, "--data.init_args.num_tasks", "4"),
+        ("data.num_tasks=4", "choose one of"),
+    ),
+    Case("zero tasks", lambda f: fit(f, "--data.init_args.num_tasks", "0"), ("data.num_tasks=0",)),
+    Case(
+        "class order not a permutation",
+        lambda f: fit(f, "--data.init_args.class_order", "[1, 2]"),
+        ("data.class_order", "permutation"),
+    ),
+    Case("epochs per task 0", lambda f: fit(f, "--task_switch.epochs_per_task", "0"), ("task_switch.epochs_per_task",)),
+    Case("negative steps per task", lambda f: fit(f, "--task_switch.steps_per_task", "-3"), ("steps_per_task",)),
+    Case(
+        "max_epochs the task clock would override",
+        lambda f: fit(f, "--trainer.max_epochs", "3"),
+        ("trainer.max_epochs=3", "task_switch"),
+    ),
+    Case("negative seed", lambda f: fit(f, "--seed_everything", "-1"), ("seed_everything=-1",)),
+    Case("seed not a number", lambda f: fit(f, "--seed_everything", "abc"), ("seed_everything", "'abc'")),
+    Case("zero devices", lambda f: fit(f, "--trainer.devices", "0"), ("trainer", "devices")),
+    Case("unknown accelerator", lambda f: fit(f, "--trainer.accelerator", "tpuu"), ("trainer", "tpuu")),
+    Case(
+        "output folder under a file",
+        lambda f: fit_args(ER, f / "afile" / "run", *FAST),
+        ("trainer.default_root_dir", "is not a folder"),
+        write("afile", "not a folder"),
+    ),
+    Case(
+        "curves every 0 epochs",
+        lambda f: fit(f, "--continual_metrics.curve_every", "0"),
+        ("continual_metrics.curve_every",),
+    ),
+    Case(
+        "step checkpoints every 0 steps",
+        lambda f: fit(f, "--checkpoint.every_n_train_steps", "0"),
+        ("checkpoint.every_n_train_steps",),
+    ),
+    Case(
+        "a signal that cannot be handled",
+        lambda f: fit(f, "--checkpoint.stop_signals", "[SIGKILL]"),
+        ("checkpoint.stop_signals", "SIGKILL"),
+    ),
+    # -- checkpoints ------------------------------------------------------------------------------------
+    Case(
+        "resume with nothing to resume", lambda f: fit(f, "--ckpt_path", "last"), ("--ckpt_path last", "no checkpoint")
+    ),
+    Case(
+        "resume from a missing file",
+        lambda f: fit(f, "--ckpt_path", str(f / "nope.ckpt")),
+        ("--ckpt_path", "nope.ckpt", "not found"),
+    ),
+    Case(
+        "resume from a folder",
+        lambda f: fit(f, "--ckpt_path", str(f / "run")),
+        ("--ckpt_path", "a folder"),
+        copy_checkpoint,
+    ),
+    Case(
+        "resume from an empty file",
+        lambda f: fit(f, "--ckpt_path", str(f / "empty.ckpt")),
+        ("empty.ckpt", "not a readable torch file"),
+        write("empty.ckpt", b""),
+    ),
+    Case(
+        "resume from a text file",
+        lambda f: fit(f, "--ckpt_path", str(f / "notes.ckpt")),
+        ("notes.ckpt", "not a readable torch file"),
+        write("notes.ckpt", "hello"),
+    ),
+    Case(
+        "resume from a truncated checkpoint",
+        lambda f: fit(f, "--ckpt_path", str(f / "half.ckpt")),
+        ("half.ckpt", "not a readable torch file"),
+        truncated_checkpoint,
+    ),
+    Case(
+        "resume from a torch file of something else",
+        lambda f: fit(f, "--ckpt_path", str(f / "plain.ckpt")),
+        ("plain.ckpt", "not a checkpoint written by lifelong fit"),
+        plain_torch_file,
+    ),
+    Case(
+        "resume another method's checkpoint",
+        lambda f: fit(f, "--ckpt_path", "last", experiment="classification/derpp_splitdigits.yaml"),
+        ("other settings", "model.class_path", "--allow_changes"),
+        copy_checkpoint,
+    ),
+    Case(
+        "resume with another task count",
+        lambda f: fit(f, "--data.init_args.num_tasks", "5", "--ckpt_path", "last"),
+        ("other settings", "data.init_args.num_tasks (checkpoint 2, config 5)"),
+        copy_checkpoint,
+    ),
+    Case("test without a checkpoint", lambda f: stage("test", f), ("lifelong test", "--ckpt_path")),
+    Case("validate without a checkpoint", lambda f: stage("validate", f), ("lifelong validate", "--ckpt_path")),
+    Case(
+        "test a missing checkpoint",
+        lambda f: stage("test", f, "--ckpt_path", str(f / "nope.ckpt")),
+        ("--ckpt_path", "nope.ckpt", "not found"),
+    ),
+    Case(
+        "test a garbage checkpoint",
+        lambda f: stage("test", f, "--ckpt_path", str(f / "notes.ckpt")),
+        ("notes.ckpt", "not a readable torch file"),
+        write("notes.ckpt", "hello"),
+    ),
+    Case(
+        "validate another method's checkpoint",
+        lambda f: stage("validate", f, "--ckpt_path", str(f / CKPT), experiment="classification/der_splitdigits.yaml"),
+        ("other settings", "model.class_path"),
+        copy_checkpoint,
+    ),
+    # -- data on disk -----------------------------------------------------------------------------------
+    Case(
+        "image folder with an empty class folder",
+        lambda f: data(f, "datamodules.SplitImageFolder", f / "images", num_tasks=1),
+        ("train/dog", "no images", "class 'dog'"),
+        image_folder(empty_class="dog"),
+    ),
+    Case(
+        "image folder whose test split lacks a class",
+        lambda f: data(f, "datamodules.SplitImageFolder", f / "images", num_tasks=1),
+        ("test/dog", "no images"),
+        image_folder(test_missing="dog"),
+    ),
+    Case(
+        "image folder root missing",
+        lambda f: data(f, "datamodules.SplitImageFolder", f / "nope", num_tasks=1),
+        ("data.root", "nope", "not found"),
+    ),
+    Case(
+        "CIFAR batch missing",
+        lambda f: data(f, "datamodules.SplitCIFAR10", f / "data"),
+        ("data_batch_3", "not found", "extract"),
+        cifar(missing="data_batch_3"),
+    ),
+    Case(
+        "CIFAR batch that would run code",
+        lambda f: data(f, "datamodules.SplitCIFAR10", f / "data"),
+        ("data_batch_2", "posix.system"),
+        cifar(crafted=True),
+    ),
+    Case(
+        "CIFAR batch that is garbage",
+        lambda f: data(f, "datamodules.SplitCIFAR10", f / "data"),
+        ("test_batch", "not a CIFAR python batch"),
+        cifar(garbage="test_batch"),
+    ),
+    Case(
+        "Tiny-ImageNet folder missing",
+        lambda f: data(f, "datamodules.SplitTinyImageNet", f),
+        ("tiny-imagenet-200", "unzip"),
+    ),
+    Case(
+        "webdataset shards missing",
+        lambda f: data(f, "datamodules.SplitWebDataset", f, num_classes=2, num_tasks=1),
+        ("train-",),
+    ),
+    # -- text-to-image concepts ---------------------------------------------------------------------------
+    Case(
+        "concept folder without captions",
+        lambda f: fit_args(
+            R2MOE, f / "run", f"--data.init_args.root={f / 'concepts'}", "--data.init_args.prior_preservation=false"
+        ),
+        ("concepts/cat", "no caption.txt"),
+        concepts(caption=False),
+    ),
+    Case(
+        "concept with fewer captions than images",
+        lambda f: fit_args(
+            R2MOE, f / "run", f"--data.init_args.root={f / 'concepts'}", "--data.init_args.prior_preservation=false"
+        ),
+        ("cat/caption.txt",),
+        concepts(captions=1),
+    ),
+    Case(
+        "base model folder missing",
+        lambda f: fit_args(R2MOE, f / "run", f"--model.init_args.pretrained_model_name_or_path={f / 'sd'}"),
+        ("pretrained_model_name_or_path", "sd"),
+    ),
+    Case(
+        "export without --out",
+        lambda f: ["export", "-c", config(R2MOE), "--ckpt_path", str(f / "x.ckpt")],
+        ("--out missing",),
+    ),
+    Case(
+        "export onto a folder",
+        lambda f: ["export", "-c", config(R2MOE), "--ckpt_path", str(f / "x.ckpt"), "--out", str(f / "folder")],
+        ("--out", "not a regular file"),
+        write("folder/keep.txt", "mine"),
+    ),
+    Case(
+        "export onto a device",
+        lambda f: ["export", "-c", config(R2MOE), "--ckpt_path", str(f / "x.ckpt"), "--out", "/dev/null"],
+        ("--out /dev/null", "not a regular file"),
+    ),
+    # -- robots ---------------------------------------------------------------------------------------------
+    Case(
+        "unknown robot suite",
+        robot("--data.init_args.tasks=null", "--data.init_args.suite=cw33"),
+        ("cw33",),
+    ),
+    Case("unknown Meta-World task", robot("--data.init_args.tasks=[reach-v9]"), ("reach-v9",)),
+    Case("unknown observation key", robot("--data.init_args.obs_keys=[nope]"), ("data.obs_keys", "nope")),
+    Case("window of 0 steps", robot("--data.init_args.window=0"), ("data.window=0",)),
+    Case("0 evaluation episodes", robot("--data.init_args.eval_episodes=0"), ("data.eval_episodes=0",)),
+    Case(
+        "garbage demonstration file",
+        lambda f: robot()(f) + [f"--data.init_args.root={f / 'demos'}"],
+        ("reach-v3.hdf5",),
+        write("demos/reach-v3.hdf5", "not hdf5"),
+    ),
+    Case(
+        "policy checkpoint missing",
+        lambda f: fit_args(ROBOT, f / "run", *ROBOT_FAST, f"--model.init_args.policy_checkpoint={f / 'p.ckpt'}"),
+        ("policy_checkpoint", "p.ckpt"),
+    ),
+    Case(
+        "policy checkpoint that is garbage",
+        lambda f: fit_args(ROBOT, f / "run", *ROBOT_FAST, f"--model.init_args.policy_checkpoint={f / 'p.ckpt'}"),
+        ("policy_checkpoint", "p.ckpt"),
+        write("p.ckpt", "garbage"),
+    ),
+    Case(
+        "make-demos without --out",
+        lambda f: ["make-demos", "--tasks", "[reach-v3]"],
+        ("--out",),
+    ),
+    Case(
+        "make-demos of an unknown suite",
+        lambda f: ["make-demos", "--suite", "cw33", "--out", str(f / "demos")],
+        ("cw33",),
+    ),
+    # -- found by a hostile run of every command --------------------------------------------------------------
+    Case(
+        "resume from a dict that only claims to be ours",
+        lambda f: fit(f, "--ckpt_path", str(f / "fake.ckpt")),
+        ("fake.ckpt", "not a checkpoint written by lifelong fit"),
+        torch_file("fake.ckpt", {"continual": 1}),
+    ),
+    Case(
+        "score another method's weights with every change allowed",
+        lambda f: stage(
+            "test",
+            f,
+            "--ckpt_path",
+            str(f / CKPT),
+            "--allow_changes=[all]",
+            experiment="classification/lwf_splitdigits.yaml",
+        ),
+        ("weights do not fit LwF",),
+        copy_checkpoint,
+    ),
+    Case(
+        "allow a change to a setting that does not exist",
+        lambda f: fit(f, "--allow_changes=[model.init_args.nope]"),
+        ("--allow_changes", "model.init_args.nope"),
+    ),
+    Case("demo with an unknown option", lambda f: ["demo", "--bogus", "1"], ("unrecognized arguments: --bogus",)),
+    Case("predict", lambda f: ["predict", "-c", config(ER)], ("predict",)),
+    Case(
+        "CIFAR label out of range",
+        lambda f: data(f, "datamodules.SplitCIFAR10", f / "data"),
+        ("data_batch_1", "label 12 is outside 0..9"),
+        cifar(labels=12),
+    ),
+    Case(
+        "image size 0",
+        lambda f: data(f, "datamodules.SplitImageFolder", f / "images", num_tasks=1, image_size=[0, 8]),
+        ("data.image_size",),
+        image_folder(),
+    ),
+    Case(
+        "normalisation that divides by 0",
+        lambda f: data(f, "datamodules.SplitImageFolder", f / "images", num_tasks=1, std=[0.0, 1.0, 1.0]),
+        ("data.mean and data.std",),
+        image_folder(),
+    ),
+    Case("test fraction above 1", lambda f: fit(f, "--data.init_args.test_fraction", "1.5"), ("data.test_fraction",)),
+    Case("eval batch size 0", lambda f: fit(f, "--data.init_args.eval_batch_size", "0"), ("data.eval_batch_size",)),
+    Case(
+        "negative weight decay",
+        lambda f: fit(f, "--model.init_args.optimizer.init_args.weight_decay", "-1"),
+        ("model.optimizer", "weight_decay"),
+    ),
+    Case("negative minibatch", lambda f: fit(f, "--model.init_args.minibatch_size", "-1"), ("model.minibatch_size",)),
+    Case(
+        "stop after 0 tasks", lambda f: fit(f, "--task_switch.stop_after_task", "0"), ("task_switch.stop_after_task",)
+    ),
+    Case("train on no batches", lambda f: fit(f, "--trainer.limit_train_batches", "0"), ("limit_train_batches",)),
+    Case(
+        "accumulate 0 batches", lambda f: fit(f, "--trainer.accumulate_grad_batches", "0"), ("accumulate_grad_batches",)
+    ),
+    Case("a GPU where there is none", lambda f: fit(f, "--trainer.accelerator", "gpu"), ("trainer", "gpu")),
+    Case(
+        "caption file that is not text",
+        concept_fit,
+        ("cat/caption.txt", "not a UTF-8 text file"),
+        concepts(binary_captions=True),
+    ),
+    Case("LoRA rank 0", lambda f: fit_args(R2MOE, f / "run", "--model.init_args.rank=0"), ("model.rank",)),
+    Case("top-k of 0 experts", lambda f: fit_args(R2MOE, f / "run", "--model.init_args.top_k=0"), ("model.top_k",)),
+    Case(
+        "export with a bad --set",
+        lambda f: ["export", "-c", config(R2MOE), "--set=--model.init_args.rank=abc", "--ckpt_path", "x", "--out", "y"],
+        ("model.init_args.rank", "expected an int"),
+    ),
+    Case(
+        "export with a config that is not YAML",
+        lambda f: ["export", "-c", str(f / "bad.yaml"), "--ckpt_path", "x", "--out", str(f / "y")],
+        ("bad.yaml", "not valid YAML"),
+        write("bad.yaml", "model: {a: 1\n"),
+    ),
+    Case(
+        "sample with 0 steps",
+        lambda f: ["sample", "-c", config(R2MOE), "--delta", "x", "--prompt", "p", "--steps", "0", "--out", "o"],
+        ("--steps",),
+    ),
+    Case(
+        "sample with 0 images",
+        lambda f: ["sample", "-c", config(R2MOE), "--delta", "x", "--prompt", "p", "--num_images", "0", "--out", "o"],
+        ("--num_images",),
+    ),
+    Case(
+        "sample into a folder under a file",
+        lambda f: ["sample", "-c", config(R2MOE), "--delta", "x", "--prompt", "p", "--out", str(f / "afile" / "o")],
+        ("--out", "is not a folder"),
+        write("afile", "a file"),
+    ),
+    Case(
+        "sample from a base model folder that does not exist",
+        lambda f: [
+            "sample",
+            "-c",
+            config(R2MOE),
+            f"--set=--model.init_args.pretrained_model_name_or_path={f / 'sd'}",
+            "--delta",
+            "x",
+            "--prompt",
+            "p",
+            "--out",
+            str(f / "o"),
+        ],
+        ("pretrained_model_name_or_path", "sd"),
+    ),
+    Case(
+        "make-reg with batches of 0",
+        lambda f: ["make-reg", "-c", config(R2MOE), "--batch_size", "0"],
+        ("--batch_size",),
+    ),
+    Case(
+        "make-reg for a concepts folder that does not exist",
+        lambda f: ["make-reg", "-c", config(R2MOE), f"--set=--data.init_args.root={f / 'nope'}"],
+        ("data.root", "nope"),
+    ),
+    Case(
+        "make-reg where a class's folder is a file",
+        lambda f: ["make-reg", "-c", config(R2MOE), f"--set=--data.init_args.root={f / 'concepts'}", "--steps", "1"],
+        ("reg/cat", "is not a folder"),
+        concepts(reg_file="cat"),
+    ),
+    Case(
+        "policy checkpoint that is text",
+        lambda f: fit_args(ROBOT, f / "run", *ROBOT_FAST, f"--model.init_args.policy_checkpoint={f / 'p.ckpt'}"),
+        ("policy_checkpoint", "p.ckpt"),
+        write("p.ckpt", "some text"),
+    ),
+    Case(
+        "policy checkpoint that is empty",
+        lambda f: fit_args(ROBOT, f / "run", *ROBOT_FAST, f"--model.init_args.policy_checkpoint={f / 'p.ckpt'}"),
+        ("policy_checkpoint", "p.ckpt"),
+        write("p.ckpt", b""),
+    ),
+    Case(
+        "policy checkpoint holding a list",
+        lambda f: fit_args(ROBOT, f / "run", *ROBOT_FAST, f"--model.init_args.policy_checkpoint={f / 'p.ckpt'}"),
+        ("policy_checkpoint", "holds no weights"),
+        torch_file("p.ckpt", [1, 2, 3]),
+    ),
+]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under `folder` with a digest of its bytes and its modification time."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            out[str(path.relative_to(folder))] = f"{hashlib.sha1(path.read_bytes()).hexdigest()}:{stat.st_mtime_ns}"
+        elif path.is_dir():
+            out[str(path.relative_to(folder)) + "/"] = ""
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A finished two-task ER run (2 steps per task)."""
+    from cli.main import QUIET, LifelongCLI
+
+    root = tmp_path_factory.mktemp("trained")
+    LifelongCLI(args=fit_args(ER, root, *FAST, *QUIET))
+    return root
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
+def test_bad_input_is_one_line_and_changes_nothing(case: Case, tmp_path, trained, capsys):
+    from cli.main import main
+
+    folder = tmp_path / "case"
+    folder.mkdir()
+    if case.prepare is not None:
+        case.prepare(folder, trained)
+    before = snapshot(folder)
+    cwd = os.getcwd()
+    os.chdir(folder)  # anything written to a relative path lands here and is seen
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(case.args(folder))
+    finally:
+        os.chdir(cwd)
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2, captured.err[-2000:]
+    assert "Traceback" not in captured.err
+    lines = [ln for ln in captured.err.splitlines() if ln.startswith("lifelong:")]
+    assert len(lines) == 1 and lines[0].startswith("lifelong: error: "), captured.err[-2000:]
+    for words in case.expect:
+        assert words in lines[0], lines[0]
+    assert snapshot(folder) == before
+
+
+def test_the_catalogue_is_counted_in_the_readme():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"{len(CASES)} bad inputs" in readme

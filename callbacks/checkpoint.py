@@ -175,9 +175,9 @@ class ContinualCheckpoint(ContinualCallback, Checkpoint):
         path = self.last_path(trainer)
         tmp = str(temporary_name(path)) if trainer.is_global_zero else path + ".unused"
         tmp = trainer.strategy.broadcast(tmp)
-        if trainer.is_global_zero:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
+            if trainer.is_global_zero:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
             trainer.save_checkpoint(tmp, weights_only=False)
         except OSError as err:
             _remove(tmp)

@@ -86,6 +86,11 @@ class TaskSwitch(L.Callback):
         if not isinstance(pl_module, ContinualModule):
             raise ConfigError("model: the task-switch callback needs a ContinualModule (lightning_modules.*)")
         dm = self._stream(trainer)
+        if self.stop_after_task is not None and self.stop_after_task > dm.num_tasks:
+            raise ConfigError(
+                f"task_switch.stop_after_task={self.stop_after_task}: the stream has {dm.num_tasks} tasks; choose "
+                f"1..{dm.num_tasks} (or null for all)"
+            )
         trainer.fit_loop.max_epochs = dm.num_tasks * self.epochs_per_task
         trainer.reload_dataloaders_every_n_epochs = 1
         # Evaluation of every task happens at task ends (ContinualMetrics), not in Lightning's val loop.

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +35,10 @@ def _parser(prog: str, description: str):
     return parser
 
 
-def build(configs: list[str], extra: list[str] = ()) -> tuple[Any, Any]:
-    """(model, datamodule) as `lifelong fit -c ...` would build them, on CPU, without training."""
-    from cli.main import build_cli
+def build(configs: list[str], extra: list[str] = ()) -> tuple[Any, Any, dict[str, Any]]:
+    """(model, datamodule, settings) as `lifelong fit -c ...` would build them, on CPU, without training; the
+    settings are what a checkpoint loaded into the model must agree with (`cli.main.run_settings`)."""
+    from cli.main import build_cli, run_settings
 
     args = [a for c in configs for a in ("-c", c)]
     args += ["--trainer.logger", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "1", *extra]
@@ -44,29 +47,60 @@ def build(configs: list[str], extra: list[str] = ()) -> tuple[Any, Any]:
 
     if not isinstance(cli.model, ConceptDiffusionModule):
         raise ConfigError(f"model: {type(cli.model).__name__} is not a text-to-image method")
-    return cli.model, cli.datamodule
+    return cli.model, cli.datamodule, run_settings(cli.config)
 
 
-def load_weights(model, ckpt_path: str | None, delta: str | None) -> None:
-    """Loads a fit checkpoint (`last.ckpt`) or an exported delta into a freshly built model."""
+#: the settings a concept checkpoint is checked against before loading: its method and its base model
+WEIGHT_SETTINGS = ("model.class_path", "model.init_args.pretrained_model_name_or_path")
+
+
+def load_weights(model, ckpt_path: str | None, delta: str | None, settings: dict[str, Any] | None = None) -> None:
+    """Loads a fit checkpoint (`last.ckpt`) or an exported delta into a freshly built model. A checkpoint must
+    have been trained with `settings` (those that shape the weights) and a delta exported by the same method;
+    otherwise one line names the file and what differs."""
     if (ckpt_path is None) == (delta is None):
         raise ConfigError("pass exactly one of --ckpt_path (a fit checkpoint) or --delta (an exported .safetensors)")
     if delta is not None:
         if not os.path.isfile(delta):
             raise ConfigError(f"--delta {delta}: not found (or not a file); pass an exported .safetensors")
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         try:
             state = load_file(delta)
+            with safe_open(delta, "pt") as f:
+                method = (f.metadata() or {}).get("method")
         except Exception as err:  # noqa: BLE001  (safetensors raises its own error types)
             raise ConfigError(f"--delta {delta}: not a safetensors file ({err})") from None
-        model.load_delta(state)
+        if method is not None and method != type(model).__name__:
+            raise ConfigError(
+                f"--delta {delta}: exported by {method}, but the config's method is {type(model).__name__}"
+            )
+        with _naming("--delta", delta):
+            model.load_delta(state)
         return
     checkpoint = load_torch_file(ckpt_path, "--ckpt_path")
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "continual" not in checkpoint:
         raise ConfigError(f"--ckpt_path {ckpt_path}: not a checkpoint written by lifelong fit")
-    model.on_load_checkpoint(checkpoint)
-    model.load_delta(checkpoint["state_dict"])
+    saved = (checkpoint.get("lifelong") or {}).get("settings") or {}
+    for key in WEIGHT_SETTINGS:  # other differences (a LoRA rank, say) surface as tensors that do not fit
+        if settings is not None and key in saved and saved[key] != settings.get(key):
+            raise ConfigError(
+                f"--ckpt_path {ckpt_path} was trained with other settings: {key} (checkpoint {saved[key]!r}, "
+                f"config {settings.get(key)!r}); use the config it was trained with"
+            )
+    with _naming("--ckpt_path", ckpt_path):
+        model.on_load_checkpoint(checkpoint)
+        model.load_delta(checkpoint["state_dict"])
+
+
+@contextmanager
+def _naming(option: str, path: str) -> Iterator[None]:
+    """Prefixes a ConfigError raised inside with the option and file it is about."""
+    try:
+        yield
+    except ConfigError as err:
+        raise ConfigError(f"{option} {path}: {err}") from None
 
 
 def _concept_index(datamodule, concept: str) -> int:
@@ -105,12 +139,11 @@ def sample(argv: list[str]) -> None:
     try:
         cfg = parse_args(parser, argv)
         out = check_output_folder(cfg.out, "--out")
-        model, datamodule = build(cfg.config, cfg.set)
-        load_weights(model, cfg.ckpt_path, cfg.delta)
+        model, datamodule, settings = build(cfg.config, cfg.set)
+        load_weights(model, cfg.ckpt_path, cfg.delta, settings)
         model.eval()
         stream = model.stream
         indices = [_concept_index(datamodule, c) for c in cfg.concept]
-        out.mkdir(parents=True, exist_ok=True)
         settings = dict(num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, eta=cfg.eta)
         if cfg.mask:
             images = _compose(model, stream, indices, cfg, settings)
@@ -157,8 +190,8 @@ def export(argv: list[str]) -> None:
     try:
         cfg = parse_args(parser, argv)
         check_output_file(cfg.out, "--out")  # before the model is built
-        model, _ = build(cfg.config, cfg.set)
-        load_weights(model, cfg.ckpt_path, None)
+        model, _, settings = build(cfg.config, cfg.set)
+        load_weights(model, cfg.ckpt_path, None, settings)
         delta = {k: v.detach().contiguous().cpu() for k, v in model.delta_state_dict().items()}
         metadata = {
             "method": type(model).__name__,
@@ -184,7 +217,7 @@ def make_reg(argv: list[str]) -> None:
     parser.add_argument("--seed", type=int, default=0)
     try:
         cfg = parse_args(parser, argv)
-        model, datamodule = build(cfg.config, [*cfg.set, "--data.init_args.prior_preservation", "false"])
+        model, datamodule, _ = build(cfg.config, [*cfg.set, "--data.init_args.prior_preservation", "false"])
     except ConfigError as err:
         fail(str(err))
     if datamodule.root is None:

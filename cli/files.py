@@ -23,14 +23,7 @@ def check_output_file(path: str | os.PathLike, option: str) -> Path:
     p = Path(path)
     if p.exists() and not p.is_file():
         raise ConfigError(f"{option} {p}: exists and is not a regular file; choose a new file name")
-    parent = p.parent if str(p.parent) else Path(".")
-    for folder in (parent, *parent.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise ConfigError(f"{option} {p}: {folder} is not a folder; choose another path")
-            if not os.access(folder, os.W_OK | os.X_OK):
-                raise ConfigError(f"{option} {p}: {folder} is not writable; choose a folder you can write to")
-            break
+    _check_writable(p.parent if str(p.parent) else Path("."), p, option)
     return p
 
 
@@ -38,14 +31,19 @@ def check_output_folder(path: str | os.PathLike, option: str) -> Path:
     """`path` as a Path if files may be written into it (an existing folder, or one that can be created);
     else ConfigError naming `option` and the path."""
     p = Path(path)
-    for folder in (p, *p.resolve().parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise ConfigError(f"{option} {p}: {folder} is not a folder; choose a folder for the files")
-            if not os.access(folder, os.W_OK | os.X_OK):
-                raise ConfigError(f"{option} {p}: {folder} is not writable; choose a folder you can write to")
-            break
+    _check_writable(p, p, option)
     return p
+
+
+def _check_writable(folder: Path, given: Path, option: str) -> None:
+    """The nearest existing one of `folder` and its parents must be a folder this process may write into."""
+    for existing in (folder, *folder.resolve().parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise ConfigError(f"{option} {given}: {existing} is not a folder; choose a folder for the files")
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise ConfigError(f"{option} {given}: {existing} is not writable; choose a folder you can write to")
+            return
 
 
 def temporary_name(path: str | os.PathLike) -> Path:
@@ -101,5 +99,7 @@ def load_torch_file(path: str | os.PathLike, option: str) -> Any:
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001  (zip, pickle and unpickling errors vary)
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{option} {p}: not a readable torch file ({reason[:160]})") from None
+        reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else ""
+        raise ConfigError(
+            f"{option} {p}: not a torch file, or a truncated one ({type(err).__name__}{': ' if reason else ''}{reason})"
+        ) from None

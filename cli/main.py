@@ -160,7 +160,7 @@ class LifelongCLI(LightningCLI):
             "--allow_changes",
             type=list[str],
             default=[],
-            help="settings a resumed or scored checkpoint may differ in, e.g. [model.init_args.lr]; all: any",
+            help="settings a resumed or scored checkpoint may differ in, e.g. [model.init_args.buffer_size]; [all]",
         )
         parser.link_arguments("data.stream", "model.init_args.stream", apply_on="instantiate")
 
@@ -176,7 +176,7 @@ class LifelongCLI(LightningCLI):
             if key != "all" and not any(k == key or k.startswith(key + ".") for k in self._settings):
                 raise ConfigError(
                     f"--allow_changes: {key!r} is not a setting of this run; name keys as the resume error lists "
-                    "them (e.g. model.init_args.lr), or all"
+                    "them (e.g. model.init_args.optimizer.init_args.lr), or [all]"
                 )
         path = config.get("ckpt_path")
         if path is None:
@@ -213,8 +213,8 @@ class LifelongCLI(LightningCLI):
             found = Path(folder) / LAST
             if not found.exists():
                 raise ConfigError(
-                    f"--ckpt_path last: no checkpoint at {found} (trainer.default_root_dir {root}); start without "
-                    "--ckpt_path, or point trainer.default_root_dir at the run to resume"
+                    f"--ckpt_path last: no checkpoint at {found} (trainer.default_root_dir {root}); point "
+                    "trainer.default_root_dir at the trained run or pass its .ckpt file (fit: or start without it)"
                 )
             return str(found)
         if not os.path.exists(path):
@@ -266,7 +266,7 @@ class LifelongCLI(LightningCLI):
         try:
             return super()._instantiate_trainer(config, extra_callbacks)
         except (MisconfigurationException, ValueError, TypeError) as err:  # Lightning checks the trainer's settings
-            raise ConfigError(f"trainer: {' '.join(str(err).split())}") from None
+            raise ConfigError(f"trainer: {' '.join(str(err).split())} (fix the trainer settings)") from None
 
 
 #: what a run writes into its log folder before it has produced anything
@@ -314,6 +314,8 @@ def check_run_config(config: Any) -> None:
         raise ConfigError(f"seed_everything={seed}: choose a seed from 0 to {2**32 - 1} (or true for a random one)")
     if trainer.get("default_root_dir"):
         check_output_folder(trainer["default_root_dir"], "trainer.default_root_dir")
+    if (config.get("checkpoint") or {}).get("dirpath"):
+        check_output_folder(config["checkpoint"]["dirpath"], "checkpoint.dirpath")
 
 
 def check_config_files(args: list[str]) -> None:
@@ -337,7 +339,9 @@ def check_config_files(args: list[str]) -> None:
             raise ConfigError(f"-c {path}{where}: not valid YAML ({problem}); fix the file") from None
         except (OSError, UnicodeDecodeError) as err:
             raise ConfigError(f"-c {path}: cannot be read ({err}); pass a YAML text file") from None
-        if content is not None and not isinstance(content, dict):
+        if content is None:
+            raise ConfigError(f"-c {path}: empty; write the experiment's settings there (key: value lines)")
+        if not isinstance(content, dict):
             raise ConfigError(f"-c {path}: holds a {type(content).__name__}, not settings (key: value lines)")
 
 
@@ -381,7 +385,11 @@ def _subclass_names(base: type) -> list[str]:
 
 
 def _type_name(text: str) -> str:
-    """ "a <class 'int'>" or "<class 'int'>" -> "an int"; other type descriptions unchanged."""
+    """What a jsonargparse type reads as: "a <class 'int'>" -> "an int", "a typing.Literal['a', 'b']" ->
+    "one of 'a', 'b'"; anything else unchanged."""
+    literal = re.search(r"typing\.Literal\[(.*)\]", text)
+    if literal:
+        return f"one of {literal.group(1)}"
     match = re.search(r"<class '(?:[\w.]+\.)?(\w+)'>", text)
     if not match:
         return text
@@ -436,7 +444,7 @@ def _one_line(err: BaseException) -> str:
             return f"{where}: expected {_type_name(typed.group(1))}, got {typed.group(2)!r}"
         if re.match(r"Option '([^']+)' is not accepted", text):
             return f"{where}: {text}" if where else text
-    expected = [re.match(r"Expected (a <class '[^']+'>)", ln.lstrip("- ")) for ln in lines]
+    expected = [re.match(r"Expected (a <class '[^']+'>|a typing\.Literal\[.*\])$", ln.lstrip("- ")) for ln in lines]
     expected = [m.group(1) for m in expected if m and "NoneType" not in m.group(1)]
     if expected and given is not None:
         return f"{where}: expected {' or '.join(_type_name(e) for e in expected)}, got {given!r}"

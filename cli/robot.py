@@ -56,7 +56,7 @@ def make_demos(argv: list[str]) -> None:
 
     try:
         cfg = parse_args(_parser(), argv)
-        suite = resolve_suite(cfg.suite, cfg.tasks)
+        suite = resolve_suite(cfg.suite, cfg.tasks, options=("--suite", "--tasks"))
         settings = DemoSettings(
             demos=cfg.demos,
             horizon=cfg.horizon,

@@ -24,7 +24,11 @@ def read_cifar_batch(path: Path, label_key: str, num_classes: int | None = None)
         raw = {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
         data = np.asarray(raw["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(raw[label_key], dtype=np.int64)
-    except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError, AttributeError) as err:
+    except KeyError as err:
+        raise ConfigError(
+            f"{path}: not a CIFAR python batch (no {err} entry); re-extract the dataset archive"
+        ) from None
+    except (OSError, pickle.UnpicklingError, ValueError, EOFError, TypeError, AttributeError) as err:
         raise ConfigError(f"{path}: not a CIFAR python batch ({err}); re-extract the dataset archive") from None
     if len(data) != len(labels):
         raise ConfigError(f"{path}: {len(data)} images but {len(labels)} labels; re-extract the dataset archive")

@@ -358,6 +358,8 @@ class ConceptDataModule(ContinualDataModule):
 
     def _concept(self, root: Path, name: str, k: int, reg_root: Path) -> _Concept:
         folder, token = root / name, concept_token(k)
+        if not folder.is_dir():
+            raise ConfigError(f"data.concepts: {name!r} is not a folder under {root}; list the concept folders there")
         caption_file = folder / "caption.txt"
         if not caption_file.is_file():
             raise ConfigError(f"{caption_file}: not found; write one caption per image there, in file-name order")
@@ -375,6 +377,10 @@ class ConceptDataModule(ContinualDataModule):
         prompts = _lines(prompt_file) if prompt_file.is_file() else list(DEFAULT_PROMPTS)
         if not prompts:
             raise ConfigError(f"{prompt_file}: no prompts; write one per line or remove the file")
+        if lost := [i for i, p in enumerate(prompts, 1) if "{}" not in p and not _TOKEN.search(p)]:
+            raise ConfigError(
+                f"{prompt_file}:{lost[0]}: no {{}} where the concept goes, so it would never be evaluated; add it"
+            )
         prompts = [_TOKEN.sub(token, p).replace("{}", f"{token} {cls}") for p in prompts]
         if self.max_eval_prompts is not None:
             prompts = prompts[: self.max_eval_prompts]

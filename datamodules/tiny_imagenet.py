@@ -43,6 +43,8 @@ class SplitTinyImageNet(ImageClassIncremental):
                     "or set data.init_args.download: true"
                 )
         wnids = sorted(base.joinpath("wnids.txt").read_text().split())
+        if twice := sorted({w for w in wnids if wnids.count(w) > 1}):
+            raise ConfigError(f"{base / 'wnids.txt'}: {twice[0]} is listed twice; re-extract the archive")
         if len(wnids) != self.num_classes:
             raise ConfigError(f"{base / 'wnids.txt'}: {len(wnids)} class ids, expected {self.num_classes}")
         label = {w: i for i, w in enumerate(wnids)}

@@ -25,6 +25,12 @@ def read_shards(root: Path, pattern: str, image_keys: str, label_key: str) -> tu
             f"data.root: shard {missing[0]} not found ({len(missing)} of {len(urls)} missing); "
             "check root and the shard pattern"
         )
+    for url in urls:  # webdataset stops quietly at a truncated shard; tarfile reads every header to the end
+        try:
+            with tarfile.open(url) as archive:
+                archive.getmembers()
+        except (tarfile.TarError, OSError, EOFError) as err:
+            raise ConfigError(f"{url}: not a complete tar shard ({err}); re-create it") from None
     blobs, labels, keys = [], [], []
     dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
     try:

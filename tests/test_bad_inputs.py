@@ -109,7 +109,7 @@ def image_folder(empty_class: str | None = None, test_missing: str | None = None
     return prepare
 
 
-def cifar(crafted=False, missing: str | None = None, garbage: str | None = None, labels: int | None = None) -> Callable:
+def cifar(crafted=False, missing=None, garbage=None, labels: int | None = None, labels_only=False) -> Callable:
     def prepare(folder: Path, trained: Path) -> None:
         from tests.datamodules.test_cifar import write_cifar10
 
@@ -119,6 +119,10 @@ def cifar(crafted=False, missing: str | None = None, garbage: str | None = None,
             (batches / missing).unlink()
         if garbage:
             (batches / garbage).write_text("garbage")
+        if labels_only:
+            import pickle
+
+            (batches / "data_batch_1").write_bytes(pickle.dumps({b"labels": [0] * 10}))
         if labels is not None:
             import pickle
 
@@ -138,12 +142,12 @@ def cifar(crafted=False, missing: str | None = None, garbage: str | None = None,
     return prepare
 
 
-def concepts(caption=True, captions: int = 2, binary_captions=False, reg_file: str | None = None) -> Callable:
+def concepts(caption=True, captions=2, binary_captions=False, reg_file=None, prompts=None) -> Callable:
     def prepare(folder: Path, trained: Path) -> None:
         from tests.datamodules.test_concepts import write_concept
 
         write_concept(folder / "concepts", "mug", ["a photo of a mug"] * 2)
-        write_concept(folder / "concepts", "cat", ["a photo of a cat"] * 2)
+        write_concept(folder / "concepts", "cat", ["a photo of a cat"] * 2, prompts)
         (folder / "concepts" / "cat" / "caption.txt").write_text("a photo of a cat\n" * captions)
         if not caption:
             (folder / "concepts" / "cat" / "caption.txt").unlink()
@@ -152,6 +156,30 @@ def concepts(caption=True, captions: int = 2, binary_captions=False, reg_file: s
         if reg_file:
             (folder / "concepts" / "reg").mkdir()
             (folder / "concepts" / "reg" / reg_file).write_text("a file where a folder goes")
+
+    return prepare
+
+
+def shards(truncate: bool = False) -> Callable[[Path, Path], None]:
+    def prepare(folder: Path, trained: Path) -> None:
+        from tests.datamodules.test_image_formats import write_shards
+
+        (folder / "shards").mkdir()
+        write_shards(folder / "shards", "train", [0, 1] * 3, per_shard=6)
+        write_shards(folder / "shards", "test", [0, 1], per_shard=6)
+        if truncate:
+            shard = folder / "shards" / "train-000000.tar"
+            shard.write_bytes(shard.read_bytes()[:1500])
+
+    return prepare
+
+
+def delta(name: str, method: str) -> Callable[[Path, Path], None]:
+    def prepare(folder: Path, trained: Path) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        save_file({"x": torch.zeros(1)}, str(folder / name), metadata={"method": method})
 
     return prepare
 
@@ -284,19 +312,19 @@ CASES = [
     Case(
         "resume from an empty file",
         lambda f: fit(f, "--ckpt_path", str(f / "empty.ckpt")),
-        ("empty.ckpt", "not a readable torch file"),
+        ("empty.ckpt", "not a torch file, or a truncated one"),
         write("empty.ckpt", b""),
     ),
     Case(
         "resume from a text file",
         lambda f: fit(f, "--ckpt_path", str(f / "notes.ckpt")),
-        ("notes.ckpt", "not a readable torch file"),
+        ("notes.ckpt", "not a torch file, or a truncated one"),
         write("notes.ckpt", "hello"),
     ),
     Case(
         "resume from a truncated checkpoint",
         lambda f: fit(f, "--ckpt_path", str(f / "half.ckpt")),
-        ("half.ckpt", "not a readable torch file"),
+        ("half.ckpt", "not a torch file, or a truncated one"),
         truncated_checkpoint,
     ),
     Case(
@@ -327,7 +355,7 @@ CASES = [
     Case(
         "test a garbage checkpoint",
         lambda f: stage("test", f, "--ckpt_path", str(f / "notes.ckpt")),
-        ("notes.ckpt", "not a readable torch file"),
+        ("notes.ckpt", "not a torch file, or a truncated one"),
         write("notes.ckpt", "hello"),
     ),
     Case(
@@ -602,6 +630,80 @@ CASES = [
         lambda f: fit_args(ROBOT, f / "run", *ROBOT_FAST, f"--model.init_args.policy_checkpoint={f / 'p.ckpt'}"),
         ("policy_checkpoint", "holds no weights"),
         torch_file("p.ckpt", [1, 2, 3]),
+    ),
+    Case(
+        "checkpoint folder under a file",
+        lambda f: fit(f, f"--checkpoint.dirpath={f / 'afile' / 'ck'}"),
+        ("checkpoint.dirpath", "is not a folder"),
+        write("afile", "a file"),
+    ),
+    Case(
+        "stop after more tasks than the stream has",
+        lambda f: fit(f, "--task_switch.stop_after_task", "9"),
+        ("stop_after_task=9", "2 tasks"),
+    ),
+    Case(
+        "empty config file",
+        lambda f: ["fit", "-c", str(f / "empty.yaml")],
+        ("empty.yaml", "empty"),
+        write("empty.yaml", ""),
+    ),
+    Case("unknown precision", lambda f: fit(f, "--trainer.precision", "bogus"), ("trainer.precision", "'bf16-mixed'")),
+    Case("unknown train_on", lambda f: fit(f, "--data.init_args.train_on", "bogus"), ("one of 'current', 'seen'",)),
+    Case(
+        "CIFAR batch without its data entry",
+        lambda f: data(f, "datamodules.SplitCIFAR10", f / "data"),
+        ("data_batch_1", "no 'data' entry"),
+        cifar(labels_only=True),
+    ),
+    Case(
+        "truncated webdataset shard",
+        lambda f: data(f, "datamodules.SplitWebDataset", f / "shards", num_classes=2, num_tasks=1),
+        ("train-000000.tar", "not a complete tar shard"),
+        shards(truncate=True),
+    ),
+    Case(
+        "evaluation prompt without the concept",
+        concept_fit,
+        ("prompts/cat.txt:2", "no {}"),
+        concepts(prompts=["a photo of {}", "a beach"]),
+    ),
+    Case(
+        "a listed concept that is not a folder",
+        lambda f: concept_fit(f) + ["--data.init_args.concepts=[cat, dog]"],
+        ("data.concepts", "'dog' is not a folder"),
+        concepts(),
+    ),
+    Case(
+        "removal threshold above 1",
+        lambda f: fit_args(R2MOE, f / "run", "--model.init_args.removal_threshold=1.5"),
+        ("model.removal_threshold",),
+    ),
+    Case(
+        "sample a delta of another method",
+        lambda f: ["sample", "-c", config(R2MOE), "--delta", str(f / "cd.safetensors"), "--prompt", "p", "--out", "o"],
+        ("--delta", "exported by CustomDiffusion", "R2MoE"),
+        delta("cd.safetensors", "CustomDiffusion"),
+    ),
+    Case(
+        "export a checkpoint trained with other settings",
+        lambda f: ["export", "-c", config(R2MOE), "--ckpt_path", str(f / "x.ckpt"), "--out", str(f / "y")],
+        ("--ckpt_path", "x.ckpt", "other settings", "model.class_path"),
+        torch_file(
+            "x.ckpt",
+            {"state_dict": {}, "continual": {}, "lifelong": {"settings": {"model.class_path": "lightning_modules.X"}}},
+        ),
+    ),
+    Case("negative rollout workers", robot("--model.init_args.rollout_workers=-1"), ("model.rollout_workers",)),
+    Case(
+        "make-demos with negative extra steps",
+        lambda f: ["make-demos", "--tasks=[reach-v3]", "--extra_steps=-4", "--out", str(f / "demos")],
+        ("--extra_steps=-4",),
+    ),
+    Case(
+        "make-demos of an unknown task",
+        lambda f: ["make-demos", "--tasks=[nope-v3]", "--out", str(f / "demos")],
+        ("--tasks", "'nope-v3'"),
     ),
 ]
 

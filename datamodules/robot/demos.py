@@ -59,8 +59,11 @@ class DemoSettings:
             raise ConfigError(f"--horizon={self.horizon}: must be at least 1")
         if self.noise < 0:
             raise ConfigError(f"--noise={self.noise}: must be >= 0 (std of the action noise)")
-        if self.extra_steps < 0 or self.image_size < 0 or self.max_attempts < 1:
-            raise ConfigError("--extra_steps and --image_size must be >= 0, --max_attempts >= 1")
+        for option, value, least in (("extra_steps", self.extra_steps, 0), ("image_size", self.image_size, 0)):
+            if value < least:
+                raise ConfigError(f"--{option}={value}: must be >= {least}")
+        if self.max_attempts < 1:
+            raise ConfigError(f"--max_attempts={self.max_attempts}: must be at least 1 (episodes tried per demo)")
 
     def recipe(self) -> dict:
         """Everything that decides the episodes' content (not how many are kept)."""
@@ -264,6 +267,7 @@ def make_task_demos(
     if check_demo_file(path, name, settings, replace_stale, option) == "complete":
         report.skipped = True
         return report
+    new_folder = not path.parent.exists()  # removed again if nothing is written into it
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
     start = time.perf_counter()
@@ -304,6 +308,8 @@ def make_task_demos(
         env.close()
         if tmp.exists():
             tmp.unlink()
+        if new_folder and not any(path.parent.iterdir()):
+            path.parent.rmdir()
     report.seconds = time.perf_counter() - start
     return report
 

@@ -199,35 +199,43 @@ def libero_instruction(task_name: str) -> str:
     return _SCENE.sub("", task_name).replace("_", " ")
 
 
-def metaworld_instruction(env_name: str) -> str:
-    """The instruction of a Meta-World v3 env name (`window-close-v3` -> "close the window")."""
+def metaworld_instruction(env_name: str, option: str = "data.tasks") -> str:
+    """The instruction of a Meta-World v3 env name (`window-close-v3` -> "close the window"); `option` names
+    where the name came from in an error."""
     base = env_name.removesuffix(_V3)
     if not env_name.endswith(_V3) or base not in METAWORLD_INSTRUCTIONS:
         hint = f"; did you mean {base}{_V3}?" if base in METAWORLD_INSTRUCTIONS else ""
         raise ConfigError(
-            f"data.tasks: {env_name!r} is not a Meta-World v3 task (names like reach-v3, push-v3, "
+            f"{option}: {env_name!r} is not a Meta-World v3 task (names like reach-v3, push-v3, "
             f"window-close-v3; see metaworld.MT1.ENV_NAMES){hint}"
         )
     return METAWORLD_INSTRUCTIONS[base]
 
 
-def resolve_suite(suite: str | None = None, tasks: list[str] | tuple[str, ...] | None = None) -> Suite:
-    """The suite named `suite`, or a custom sequence of Meta-World env names `tasks` (exactly one of the two)."""
+def resolve_suite(
+    suite: str | None = None,
+    tasks: list[str] | tuple[str, ...] | None = None,
+    options: tuple[str, str] = ("data.suite", "data.tasks"),
+) -> Suite:
+    """The suite named `suite`, or a custom sequence of Meta-World env names `tasks` (exactly one of the two);
+    `options` name the two settings in errors (`--suite` / `--tasks` for make-demos)."""
+    suite_option, tasks_option = options
     if (suite is None) == (tasks is None):
         raise ConfigError(
-            "data: give exactly one of suite (one of " + ", ".join(SUITE_NAMES) + ") or tasks (Meta-World env names)"
+            f"give exactly one of {suite_option} (one of {', '.join(SUITE_NAMES)}) or {tasks_option} (Meta-World "
+            "env names)"
         )
     if tasks is not None:
         names = tuple(tasks)
         if not names:
-            raise ConfigError("data.tasks is empty: list Meta-World env names, e.g. [reach-v3, push-v3]")
+            raise ConfigError(f"{tasks_option} is empty: list Meta-World env names, e.g. [reach-v3, push-v3]")
         if len(set(names)) != len(names):
-            raise ConfigError(f"data.tasks lists a task twice: {list(names)}")
-        return Suite("custom", "metaworld", names, tuple(metaworld_instruction(n) for n in names))
+            raise ConfigError(f"{tasks_option} lists a task twice: {list(names)}")
+        return Suite("custom", "metaworld", names, tuple(metaworld_instruction(n, tasks_option) for n in names))
     if suite in METAWORLD_SUITES:
         names = tuple(n + _V3 for n in METAWORLD_SUITES[suite])
         return Suite(suite, "metaworld", names, tuple(metaworld_instruction(n) for n in names))
     if suite in LIBERO_SUITES:
         names = LIBERO_SUITES[suite]
         return Suite(suite, "libero", names, tuple(libero_instruction(n) for n in names))
-    raise ConfigError(f"data.suite: unknown suite {suite!r}; valid suites are {', '.join(SUITE_NAMES)}")
+    raise ConfigError(f"{suite_option}: unknown suite {suite!r}; valid suites are {', '.join(SUITE_NAMES)}")

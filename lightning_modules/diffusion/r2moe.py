@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from cli.errors import ConfigError
 from lightning_modules.diffusion.base import ConceptDiffusionModule
 from lightning_modules.nn.diffusion.experts import ExpertBank
 from lightning_modules.nn.diffusion.experts import detach_start_token as detach_start_token_kv
@@ -53,6 +54,8 @@ class R2MoE(ConceptDiffusionModule):
         detach_start_token: bool = True,
         **kwargs: Any,
     ):
+        if not 0.0 <= removal_threshold <= 1.0:
+            raise ConfigError(f"model.removal_threshold is a gate value in [0, 1], got {removal_threshold}")
         super().__init__(*args, **kwargs)
         self.experts = ExpertBank(self.parts.unet, self.num_tasks, rank, top_k, removed_experts)
         self.experts.requires_grad_(False)

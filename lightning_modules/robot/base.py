@@ -120,6 +120,8 @@ class RobotImitationModule(ContinualModule):
         self.register_buffer("lang_table", encode_instructions(language_encoder, list(stream.instructions)))
         if policy_checkpoint is not None:
             self.load_policy(policy_checkpoint)
+        if rollout_workers < 0:
+            raise ConfigError(f"model.rollout_workers must be 0 (in this process) or more, got {rollout_workers}")
         self.rollout_workers = rollout_workers
         self._runner = None
         self._queue: dict[int, Tensor] = {}  # per episode: its last `window` steps' tokens

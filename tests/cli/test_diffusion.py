@@ -90,9 +90,9 @@ def test_exported_delta_reloads_to_identical_outputs(r2moe_run, tmp_path, capsys
         assert json.loads(f.metadata()["concepts"]) == ["cat", "cup", "rocket"]
         names = list(f.keys())
     assert not any("base_layer" in n or "conv" in n for n in names)
-    from_ckpt, _ = build([config(R2MOE)])
+    from_ckpt, *_ = build([config(R2MOE)])
     load_weights(from_ckpt, ckpt, None)
-    from_delta, _ = build([config(R2MOE)])
+    from_delta, *_ = build([config(R2MOE)])
     load_weights(from_delta, None, delta)
     for k in range(3):
         gate = [from_ckpt.stream.gate_prompts[k]]
@@ -203,7 +203,7 @@ def test_baselines_train_only_their_weights(run_fit, tmp_path, method):
     (report,) = read_reports(tmp_path)
     assert all(v is not None for row in report["matrix"] for v in row)
     delta = model.delta_state_dict()
-    fresh, _ = build([config(f"diffusion/{method}_concepts_tiny.yaml")], list(TWO))
+    fresh, *_ = build([config(f"diffusion/{method}_concepts_tiny.yaml")], list(TWO))
     moved = [k for k, v in delta.items() if not torch.equal(v, fresh.state_dict()[k])]
     assert moved and all(k in delta for k in moved)
     frozen = "parts.unet.conv_in.weight"

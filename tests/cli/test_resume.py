@@ -54,6 +54,13 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert x["callbacks"]["ContinualMetrics"]["matrix"] == y["callbacks"]["ContinualMetrics"]["matrix"]
 
 
+def resume_and_compare(args: list[str], uninterrupted: Path, cut: Path) -> None:
+    """Resumes the run in `cut` from its last checkpoint and checks it ends as the uninterrupted one did."""
+    resumed = lifelong(args + ["--ckpt_path", "last"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(uninterrupted, cut)
+
+
 def one_error_line(done: subprocess.CompletedProcess) -> str:
     lines = [ln for ln in done.stderr.splitlines() if ln.startswith("lifelong:")]
     assert len(lines) == 1, done.stderr[-3000:]
@@ -77,9 +84,7 @@ def test_sigkill_mid_epoch_resumes_bit_equal(uninterrupted, tmp_path):
     # The newest write is the step checkpoint at 98: inside task 0's second epoch (73 + 25 batches).
     assert ckpt["global_step"] == 98 and ckpt["callbacks"]["TaskSwitch"]["task"] == 0
     assert loader_state(ckpt) == {"epoch": 1, "batches": 25, "epoch_done": False, "batch_size": 10, "world_size": 1}
-    resumed = lifelong(args + ["--ckpt_path", "last"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_run(uninterrupted, tmp_path)
+    resume_and_compare(args, uninterrupted, tmp_path)
 
 
 @pytest.mark.slow
@@ -91,9 +96,7 @@ def test_sigterm_saves_at_the_next_step_and_exits_143(uninterrupted, tmp_path):
     assert "SIGTERM at step 100" in line and str(tmp_path / "checkpoints" / "last.ckpt") in line
     ckpt = last_checkpoint(tmp_path)
     assert ckpt["global_step"] == 100 and not loader_state(ckpt)["epoch_done"]
-    resumed = lifelong(args + ["--ckpt_path", "last"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_run(uninterrupted, tmp_path)
+    resume_and_compare(args, uninterrupted, tmp_path)
 
 
 @pytest.mark.slow
@@ -105,9 +108,7 @@ def test_a_signal_during_a_boundary_evaluation_stops_there_and_the_boundary_is_r
     ckpt = last_checkpoint(tmp_path)  # written as task 0's boundary began: 3 epochs of 73 batches
     assert ckpt["global_step"] == 219 and ckpt["callbacks"]["TaskSwitch"]["boundary"] == 0
     assert ckpt["callbacks"]["ContinualMetrics"]["matrix"] == {}  # no row: the evaluation never finished
-    resumed = lifelong(args + ["--ckpt_path", "last"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_run(uninterrupted, tmp_path)
+    resume_and_compare(args, uninterrupted, tmp_path)
 
 
 @pytest.mark.slow
@@ -121,9 +122,7 @@ def test_ddp_stops_on_a_signal_to_one_rank_without_hanging_and_resumes_bit_equal
     ckpt = last_checkpoint(tmp_path / "cut")
     assert ckpt["global_step"] == 100 and loader_state(ckpt)["world_size"] == 2
     assert len(ckpt["continual"]["rank_local"]) == 2
-    resumed = lifelong(args + ["--ckpt_path", "last"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_run(tmp_path / "full", tmp_path / "cut")
+    resume_and_compare(args, tmp_path / "full", tmp_path / "cut")
 
 
 @pytest.mark.slow
@@ -147,9 +146,7 @@ def test_without_step_checkpoints_a_kill_resumes_from_the_epoch_end(uninterrupte
     assert lifelong(args + signal_at("SIGKILL", step=75)).returncode == -9
     ckpt = last_checkpoint(tmp_path)  # the end of the first epoch (73 batches)
     assert ckpt["global_step"] == 73 and loader_state(ckpt)["epoch_done"] is True
-    resumed = lifelong(args + ["--ckpt_path", "last"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_run(uninterrupted, tmp_path)
+    resume_and_compare(args, uninterrupted, tmp_path)
 
 
 def test_resume_with_nothing_to_resume_from_is_one_line(capsys, tmp_path):

@@ -265,7 +265,7 @@ def test_config_errors(concepts, tmp_path):
     module(concepts, prior_preservation=False)
     with pytest.raises(ConfigError, match=r"data.resolution"):
         module(concepts, resolution=60)
-    with pytest.raises(ConfigError, match=r"nothing/caption.txt: not found"):
+    with pytest.raises(ConfigError, match=r"data.concepts: 'nothing' is not a folder"):
         module(concepts, concepts=["nothing"])
     (concepts / "cat" / "caption.txt").write_text("one caption\n")
     with pytest.raises(ConfigError, match=r"cat/caption.txt: 1 captions for 2 images"):

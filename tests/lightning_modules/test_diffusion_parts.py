@@ -95,3 +95,18 @@ def test_expert_freezing_trains_only_the_current_tasks_parameters():
     assert {id(p) for g in groups for p in g["params"]} == trainable
     assert [g["lr"] for g in groups] == [2e-4, 1e-4, 1e-3]  # experts, router, token (spec A.6)
     ExpertFreezing.apply(torch.nn.Linear(2, 2), 0)  # a module without per-task parameters: untouched
+
+
+def test_composition_masks_are_binary_and_an_empty_one_is_refused(tmp_path):
+    from PIL import Image
+
+    from lightning_modules.nn.diffusion.composition import read_masks
+
+    left = Image.new("L", (8, 8), 0)
+    left.paste(255, (0, 0, 4, 8))
+    left.save(tmp_path / "left.png")
+    Image.new("L", (8, 8), 0).save(tmp_path / "black.png")
+    (mask,) = read_masks([str(tmp_path / "left.png")], 4)
+    assert mask.shape == (1, 4, 4) and mask[0, :, :2].eq(1).all() and mask[0, :, 2:].eq(0).all()
+    with pytest.raises(ConfigError, match=r"--mask .*black.png: selects no pixels"):
+        read_masks([str(tmp_path / "left.png"), str(tmp_path / "black.png")], 4)

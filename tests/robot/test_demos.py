@@ -94,7 +94,8 @@ def test_noise_is_seeded_and_labels_stay_clean(tmp_path):
 
 def test_errors_are_one_line(tmp_path, capsys):
     for argv, expected in (
-        (["--suite", "cw99"], "data.suite: unknown suite 'cw99'; valid suites are cw10, cw3, mt10, libero_spatial"),
+        (["--suite", "cw99"], "--suite: unknown suite 'cw99'; valid suites are cw10, cw3, mt10, libero_spatial"),
+        (["--tasks", "[nope-v3]"], "--tasks: 'nope-v3' is not a Meta-World v3 task"),
         (["--suite", "libero_goal"], "LIBERO demonstrations are human recordings"),
         (["--tasks", "[reach]"], "did you mean reach-v3?"),
         (["--suite", "cw3", "--horizon", "3"], "the scripted expert solved 0 of 4 episodes"),

@@ -57,7 +57,7 @@ def test_suites():
 def test_suite_errors():
     with pytest.raises(ConfigError, match="valid suites are " + ", ".join(SUITE_NAMES)):
         resolve_suite("cw11")
-    with pytest.raises(ConfigError, match="exactly one of suite"):
+    with pytest.raises(ConfigError, match="exactly one of data.suite"):
         resolve_suite("cw3", ["reach-v3"])
     with pytest.raises(ConfigError, match="'reach-v2' is not a Meta-World v3 task"):
         resolve_suite(tasks=["reach-v2"])

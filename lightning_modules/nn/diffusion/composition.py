@@ -31,7 +31,10 @@ def read_masks(paths: list[str], size: int) -> Tensor:
             image = Image.open(path).convert("L").resize((size, size), Image.NEAREST)
         except (OSError, ValueError) as err:
             raise ConfigError(f"--mask {path}: cannot read it as an image ({err})") from None
-        masks.append(torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(1, size, size) > 127)
+        mask = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(1, size, size) > 127
+        if not mask.any():
+            raise ConfigError(f"--mask {path}: selects no pixels (white marks the concept's region); draw the region")
+        masks.append(mask)
     return torch.stack(masks).float()
 
 

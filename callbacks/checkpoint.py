@@ -194,12 +194,6 @@ class ContinualCheckpoint(ContinualCallback, Checkpoint):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint["lifelong"] = {"settings": self.settings}
 
-    def state_dict(self) -> dict:
-        return {"every_n_train_steps": self.every_n_train_steps}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Nothing to restore: when to save comes from the config."""
-
 
 def _replace(tmp: str, path: str) -> None:
     """Renames `tmp` over `path`; a folder (DeepSpeed writes one per checkpoint) is swapped in two renames."""

@@ -63,6 +63,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], option: 
     tmp = temporary_name(p)
     try:
         write(str(tmp))
+        os.chmod(tmp, _file_mode(p))  # some writers create private files; keep what a plain `open` would give
         os.replace(tmp, p)
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM):
@@ -74,6 +75,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], option: 
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _file_mode(path: Path) -> int:
+    """The permissions `path` should get: those of the file it replaces, else what the umask allows."""
+    if path.exists():
+        return path.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, option: str = "output") -> None:

@@ -22,6 +22,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -34,9 +35,12 @@ from datamodules.base import ContinualDataModule, TaskStream
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DEFAULT_PROMPTS = ("photo of a {}",)
-#: caption prefixes of Custom Diffusion's augmentation (inserted after "photo of a ")
-SMALL_PREFIXES = ("far away ", "very small ")
+#: caption prefixes of Custom Diffusion's augmentation, put before the whole caption by the released code
+#: ("a far away photo of a <new1> dog, ..."); `augment_caption: insert` puts them after "photo of a " instead,
+#: "a far away " there read "far away " ("photo of a far away <new1> dog, ...")
+SMALL_PREFIXES = ("a far away ", "very small ")
 ZOOM_PREFIXES = ("zoomed in ", "close up ")
+_INSERTED = {"a far away ": "far away "}
 #: without prior preservation an epoch still holds at least this many target draws (R2MoE's 25
 #: regularisation images per class give epochs of 50 items)
 MIN_TARGET_EPOCH = 50
@@ -53,15 +57,28 @@ def default_class(concept: str) -> str:
     return re.sub(r"\d+$", "", concept).replace("_", " ").strip() or concept
 
 
+def token_class_gate(token: str, cls: str) -> str:
+    """The gate prompt of the released sampling script: "photo of a <token> <class>"."""
+    return f"photo of a {token} {cls}"
+
+
 @dataclass(frozen=True)
 class ConceptStream(TaskStream):
-    """A concept stream: each task's token, class word and gate prompt ("photo of a " + its first caption,
-    the text R2MoE's router reads), and the training resolution."""
+    """A concept stream: each task's token, class word, training-side gate prompt ("photo of a " + its first
+    caption: what R2MoE's redundancy removal and routing distillation read), inference gate prompt (what
+    evaluation and `lifelong sample` route by; when not given, "photo of a <token> <class>", as the released
+    sampling script), and the training resolution."""
 
     tokens: tuple[str, ...] = ()
     classes: tuple[str, ...] = ()
     gate_prompts: tuple[str, ...] = ()
     resolution: int = 512
+    inference_gate_prompts: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.inference_gate_prompts and self.tokens and len(self.tokens) == len(self.classes):
+            prompts = tuple(token_class_gate(t, c) for t, c in zip(self.tokens, self.classes, strict=True))
+            object.__setattr__(self, "inference_gate_prompts", prompts)
 
 
 @dataclass
@@ -102,10 +119,24 @@ def _open_rgb(path: Path):
 
 
 def _square(im, size: int) -> Tensor:
-    """PIL image squashed to size x size (as Custom Diffusion does) -> uint8 [3, size, size]."""
+    """PIL image squashed to size x size (the `stretch` reading) -> uint8 [3, size, size]."""
     from PIL import Image
 
     return torch.from_numpy(np.array(im.resize((size, size), Image.BICUBIC), dtype=np.uint8)).permute(2, 0, 1)
+
+
+def _crop_square(im):
+    """The centred square of a PIL image, its side the shorter one, cut at the released code's indices
+    ((h - s) // 2 to (h + s) // 2), before any resize."""
+    w, h = im.size
+    s = min(w, h)
+    return im.crop(((w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2))
+
+
+def _training_image(im, size: int, resize: str) -> Tensor:
+    """A training (target or regularisation) image at size x size: `center_crop` (the released code: the
+    centred square, then a bicubic resize) or `stretch` (the whole image squashed)."""
+    return _square(_crop_square(im) if resize == "center_crop" else im, size)
 
 
 def _centre_crop(im, size: int) -> Tensor:
@@ -216,9 +247,19 @@ class ConceptTrainDataset(Dataset):
         }
 
 
-def augment_batch(batch: dict, mask_downsample: int) -> dict:
+def augmented_caption(line: str, prefix: str, augment_caption: str = "prefix") -> str:
+    """A concept image's caption with its augmentation prefix: before the whole caption (`prefix`, the
+    released code: "a far away photo of a <new1> dog") or after "photo of a " (`insert`: "photo of a far
+    away <new1> dog")."""
+    if augment_caption == "insert":
+        return "photo of a " + _INSERTED.get(prefix, prefix) + line
+    return prefix + "photo of a " + line
+
+
+def augment_batch(batch: dict, mask_downsample: int, augment_caption: str = "prefix") -> dict:
     """Custom Diffusion's augmentation of a training batch, item by item: regularisation images are only
-    flipped; concept images go through `augment_target` and their caption gets its prefix."""
+    flipped; concept images go through `augment_target` and their caption gets its prefix
+    (`augmented_caption`)."""
     pixels, masks, captions = batch["pixels"].clone(), batch["mask"].clone(), list(batch["caption"])
     for i, is_reg in enumerate(batch["is_reg"].tolist()):
         if is_reg:
@@ -226,7 +267,7 @@ def augment_batch(batch: dict, mask_downsample: int) -> dict:
             continue
         image, mask, prefix = augment_target(pixels[i], mask_downsample)
         pixels[i], masks[i] = image, mask.to(masks.device)
-        captions[i] = "photo of a " + prefix + batch["line"][i]
+        captions[i] = augmented_caption(batch["line"][i], prefix, augment_caption)
     return {**batch, "pixels": pixels, "mask": masks, "caption": captions}
 
 
@@ -254,7 +295,7 @@ class ConceptEvalDataset(Dataset):
 # -- the datamodule -------------------------------------------------------------------------------------
 class ConceptDataModule(ContinualDataModule):
     """One concept per task, read from the layout in the module docstring; images are decoded once at
-    setup and kept in memory (training images squashed to `resolution`², references centre-cropped).
+    setup and kept in memory (training images at `resolution`² as `resize` says, references centre-cropped).
 
     Args:
         root: the concepts folder; None writes the embedded scikit-image concepts to a temporary folder.
@@ -268,6 +309,16 @@ class ConceptDataModule(ContinualDataModule):
         resolution: training image size R (square).
         mask_downsample: pixels per latent pixel; the loss mask is R/mask_downsample on a side.
         augment: Custom Diffusion's augmentation (flip, zoom out onto a canvas, zoom in); False: plain resize.
+        augment_caption: where the augmentation's caption prefix goes: `prefix` (the released code: before the
+            whole caption, "a far away photo of a <new1> dog, ...") or `insert` (the suite's earlier reading:
+            after "photo of a ", "photo of a far away <new1> dog, ...").
+        resize: how a training image (concept or regularisation) becomes square: `center_crop` (the released
+            code: its centred square, then resized) or `stretch` (the suite's earlier reading: the whole
+            image squashed to `resolution`², changing its aspect ratio).
+        inference_gate: the gate prompt evaluation and `lifelong sample` route by: `token_class` (the
+            released sampling script: "photo of a <token> <class>") or `caption` (the suite's earlier
+            reading: "photo of a " + the concept's first caption, the prompt redundancy removal and the
+            routing distillation read in either case).
         clip_resolution: size of the reference images evaluation compares generations with.
         max_eval_prompts: keep only the first this many evaluation prompts of each concept.
     """
@@ -283,6 +334,9 @@ class ConceptDataModule(ContinualDataModule):
         resolution: int = 512,
         mask_downsample: int = 8,
         augment: bool = True,
+        augment_caption: Literal["prefix", "insert"] = "prefix",
+        resize: Literal["center_crop", "stretch"] = "center_crop",
+        inference_gate: Literal["token_class", "caption"] = "token_class",
         clip_resolution: int = 224,
         max_eval_prompts: int | None = None,
         **kwargs,
@@ -298,6 +352,13 @@ class ConceptDataModule(ContinualDataModule):
             raise ConfigError(f"data.num_reg_images: {num_reg_images} must be at least 1 (or null for all)")
         if max_eval_prompts is not None and max_eval_prompts < 1:
             raise ConfigError(f"data.max_eval_prompts: {max_eval_prompts} must be at least 1 (or null for all)")
+        for name, value, choices in (
+            ("augment_caption", augment_caption, ("prefix", "insert")),
+            ("resize", resize, ("center_crop", "stretch")),
+            ("inference_gate", inference_gate, ("token_class", "caption")),
+        ):
+            if value not in choices:
+                raise ConfigError(f"data.{name}: {value!r} is not one of {', '.join(map(repr, choices))}")
         self.root = Path(root) if root is not None else None
         self.concepts = list(concepts) if concepts is not None else None
         self.classes = dict(classes or {})
@@ -307,6 +368,9 @@ class ConceptDataModule(ContinualDataModule):
         self.resolution = resolution
         self.mask_downsample = mask_downsample
         self.augment = augment
+        self.augment_caption = augment_caption
+        self.resize = resize
+        self.inference_gate = inference_gate
         self.clip_resolution = clip_resolution
         self.max_eval_prompts = max_eval_prompts
         self._embedded_dir: tempfile.TemporaryDirectory | None = None
@@ -417,6 +481,12 @@ class ConceptDataModule(ContinualDataModule):
             classes=tuple(c.cls for c in listed),
             gate_prompts=tuple("photo of a " + c.captions[0] for c in listed),
             resolution=r,
+            inference_gate_prompts=tuple(
+                token_class_gate(c.token, c.cls)
+                if self.inference_gate == "token_class"
+                else "photo of a " + c.captions[0]
+                for c in listed
+            ),
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -427,13 +497,13 @@ class ConceptDataModule(ContinualDataModule):
         train, evaluation = [], []
         for t, concept in enumerate(self._catalog()):
             photos = [_open_rgb(p) for p in concept.images]
-            targets = torch.stack([_square(im, r) for im in photos])
+            targets = torch.stack([_training_image(im, r, self.resize) for im in photos])
             reference = torch.stack([_centre_crop(im, c) for im in photos])
             reg = None
             if self.prior_preservation:
                 key = tuple(concept.reg)
                 if key not in reg_cache:
-                    reg_cache[key] = torch.stack([_square(_open_rgb(p), r) for p in concept.reg])
+                    reg_cache[key] = torch.stack([_training_image(_open_rgb(p), r, self.resize) for p in concept.reg])
                 reg = reg_cache[key]
             train.append(
                 ConceptTrainDataset(t, targets, concept.captions, reg, concept.cls, self.augment, self.mask_downsample)
@@ -449,7 +519,7 @@ class ConceptDataModule(ContinualDataModule):
         batch = super().on_after_batch_transfer(batch, dataloader_idx)
         trainer = self.trainer
         if self.augment and trainer is not None and trainer.training and "is_reg" in batch:
-            batch = augment_batch(batch, self.mask_downsample)
+            batch = augment_batch(batch, self.mask_downsample, self.augment_caption)
         return batch
 
     def eval_dataset(self, task_id: int) -> Dataset:

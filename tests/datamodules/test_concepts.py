@@ -10,10 +10,13 @@ from torch.utils.data import DataLoader, default_collate
 
 from cli.errors import ConfigError
 from datamodules.concepts import (
+    SMALL_PREFIXES,
+    ZOOM_PREFIXES,
     ConceptDataModule,
     ConceptStream,
     augment_batch,
     augment_target,
+    augmented_caption,
     write_embedded_concepts,
 )
 
@@ -69,6 +72,13 @@ def test_stream_names_tokens_classes_and_gate_prompts(concepts):
     assert stream.tokens == ("<new1>", "<new2>") and stream.classes == ("dog", "cat")
     assert stream.gate_prompts == ("photo of a <new1> dog, sitting", "photo of a <new2> cat, on a sofa")
     assert stream.resolution == R and stream.num_tasks == 2
+    # inference routes as the released sampling script ("photo of a <token> <class>"); `caption`: as training
+    assert stream.inference_gate_prompts == ("photo of a <new1> dog", "photo of a <new2> cat")
+    by_caption = module(concepts, concepts=["dog1", "cat"], inference_gate="caption").stream
+    assert by_caption.inference_gate_prompts == by_caption.gate_prompts == stream.gate_prompts
+    # a stream built by hand without inference gate prompts gets the token-class ones
+    hand = ConceptStream(task_names=("a",), tokens=("<new1>",), classes=("mug",), gate_prompts=("photo of a x",))
+    assert hand.inference_gate_prompts == ("photo of a <new1> mug",)
     # default order: sorted folders holding a caption.txt (reg/ and prompts/ are not concepts)
     assert module(concepts).task_names == ["cat", "dog1"]
     assert module(concepts, classes={"dog1": "puppy"}, prior_preservation=False).stream.classes == ("cat", "puppy")
@@ -122,15 +132,23 @@ def test_num_reg_images_and_no_prior_preservation(concepts):
 
 
 def test_without_augmentation_items_are_the_resized_images(concepts):
-    dm = module(concepts, concepts=["dog1", "cat"], augment=False)
-    dm.setup()
-    ds = dm.train_dataset(0)
-    a, b = ds[4], ds[4]
-    assert torch.equal(a["pixels"], b["pixels"]) and bool((a["mask"] == 1).all())
-    expected = np.array(Image.open(concepts / "dog1" / "img0.png").convert("RGB").resize((R, R), Image.BICUBIC))
-    expected = torch.from_numpy(expected).permute(2, 0, 1).float() / 127.5 - 1
-    assert torch.allclose(a["pixels"], expected)
-    assert torch.equal(ds[0]["pixels"], ds[0]["pixels"])  # reg items are not flipped either
+    """`resize: center_crop` (the released code) cuts the centred square at (h - s) // 2 .. (h + s) // 2 of the
+    56 x 40 photo, then resizes it bicubically; `stretch` squashes the whole photo."""
+    photo = np.array(Image.open(concepts / "dog1" / "img0.png").convert("RGB"))
+    h, w = photo.shape[:2]
+    s = min(h, w)
+    square = photo[(h - s) // 2 : (h + s) // 2, (w - s) // 2 : (w + s) // 2]
+    assert square.shape[:2] == (40, 40) and (w - s) // 2 == 8
+    for resize, source in (("center_crop", square), ("stretch", photo)):
+        dm = module(concepts, concepts=["dog1", "cat"], augment=False, resize=resize)
+        dm.setup()
+        ds = dm.train_dataset(0)
+        a, b = ds[4], ds[4]
+        assert torch.equal(a["pixels"], b["pixels"]) and bool((a["mask"] == 1).all())
+        expected = np.array(Image.fromarray(source).resize((R, R), Image.BICUBIC))
+        expected = torch.from_numpy(expected).permute(2, 0, 1).float() / 127.5 - 1
+        assert torch.equal(a["pixels"], expected), resize
+        assert torch.equal(ds[0]["pixels"], ds[0]["pixels"])  # reg items are not flipped either
 
 
 def test_augmentation_branches_and_their_masks():
@@ -142,7 +160,7 @@ def test_augmentation_branches_and_their_masks():
         pixels, mask, prefix = augment_target(image, D)
         assert pixels.shape == (3, R, R) and mask.shape == (1, R // D, R // D)
         assert -1 <= pixels.min() and pixels.max() <= 1
-        if prefix in ("far away ", "very small "):
+        if prefix in SMALL_PREFIXES:
             pasted = (pixels > -1).any(0)
             rows, cols = pasted.any(1).nonzero().squeeze(1), pasted.any(0).nonzero().squeeze(1)
             y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
@@ -158,7 +176,7 @@ def test_augmentation_branches_and_their_masks():
             inside[y0 + 1 : y1 - D, x0 + 1 : x1 - D] = True
             assert not bool((full & ~inside).any())  # zero outside the pasted square, with a margin
             seen.add("small")
-        elif prefix in ("zoomed in ", "close up "):
+        elif prefix in ZOOM_PREFIXES:
             assert bool((mask == 1).all()) and not bool((pixels == -1).all(0).any())
             seen.add("zoom")
         else:
@@ -168,16 +186,33 @@ def test_augmentation_branches_and_their_masks():
     assert seen == {"small", "zoom", "plain"}
 
 
-def test_small_scale_items_have_far_away_captions_and_masks(concepts):
+def test_augmentation_prefixes_the_whole_caption_or_inserts_after_photo_of_a():
+    line = "<new1> dog, sitting"
+    assert augmented_caption(line, "a far away ") == "a far away photo of a <new1> dog, sitting"  # released
+    assert augmented_caption(line, "close up ") == "close up photo of a <new1> dog, sitting"
+    assert augmented_caption(line, "a far away ", "insert") == "photo of a far away <new1> dog, sitting"
+    assert augmented_caption(line, "very small ", "insert") == "photo of a very small <new1> dog, sitting"
+    assert augmented_caption(line, "zoomed in ", "insert") == "photo of a zoomed in <new1> dog, sitting"
+    assert augmented_caption(line, "") == augmented_caption(line, "", "insert") == "photo of a <new1> dog, sitting"
+
+
+@pytest.mark.parametrize(
+    ("augment_caption", "starts"),
+    [
+        ("prefix", ("a far away photo of a ", "very small photo of a ")),
+        ("insert", ("photo of a far away ", "photo of a very small ")),
+    ],
+)
+def test_small_scale_items_have_far_away_captions_and_masks(concepts, augment_caption, starts):
     dm = module(concepts, concepts=["dog1", "cat"])
     dm.setup()
     ds = dm.train_dataset(0)
     torch.manual_seed(1)
     for _ in range(200):
-        batch = augment_batch(default_collate([ds[5]]), D)  # what the datamodule does after transfer
+        batch = augment_batch(default_collate([ds[5]]), D, augment_caption)  # what the datamodule does
         item = {k: v[0] for k, v in batch.items()}
         if "far away" in item["caption"] or "very small" in item["caption"]:
-            assert item["caption"].split("<new1>")[0] in ("photo of a far away ", "photo of a very small ")
+            assert item["caption"].split("<new1>")[0] in starts
             assert item["mask"].sum() < (R // D) ** 2  # may be empty at 64 px
             outside = item["mask"][0].repeat_interleave(D, 0).repeat_interleave(D, 1) == 0
             canvas = (item["pixels"] == -1).all(0)
@@ -265,6 +300,9 @@ def test_config_errors(concepts, tmp_path):
     module(concepts, prior_preservation=False)
     with pytest.raises(ConfigError, match=r"data.resolution"):
         module(concepts, resolution=60)
+    for option in ("augment_caption", "resize", "inference_gate"):
+        with pytest.raises(ConfigError, match=rf"data.{option}: 'bogus' is not one of"):
+            module(concepts, prior_preservation=False, **{option: "bogus"})
     with pytest.raises(ConfigError, match=r"data.concepts: 'nothing' is not a folder"):
         module(concepts, concepts=["nothing"])
     (concepts / "cat" / "caption.txt").write_text("one caption\n")

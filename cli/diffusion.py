@@ -2,12 +2,13 @@
 
     lifelong sample   -c CONFIG (--ckpt_path CKPT | --delta DELTA) --prompt "a {} on a beach" --concept cat --out DIR
     lifelong export   -c CONFIG --ckpt_path CKPT --out delta.safetensors
+    lifelong export   -c CONFIG --ckpt_path CKPT --format diffusers --out FOLDER   (a stock diffusers pipeline loads it)
     lifelong make-reg -c CONFIG [--num_images 25]
 
 `sample` also composes several concepts: `--concept cat --concept cup --mask cat.png --mask cup.png
 --prompt "..." --prompt "..." --background "..."` (one region prompt and one mask file per concept).
 Every file is written to a temporary name and renamed when complete (`cli.files`); `export --out` must be a
-new file or a regular file to replace, never a folder or a device.
+new file or a regular file to replace, never a folder or a device (with `--format diffusers`: a folder).
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jsonargparse.typing import PositiveInt
 
 from cli.errors import ConfigError, fail, parse_args
-from cli.files import atomic_write, check_output_file, check_output_folder, load_torch_file
+from cli.files import atomic_write, atomic_write_text, check_output_file, check_output_folder, load_torch_file
 
 
 def _parser(prog: str, description: str):
@@ -127,7 +128,9 @@ def sample(argv: list[str]) -> None:
     parser.add_argument("--delta", type=str | None, default=None)
     parser.add_argument("--prompt", action="append", required=True, help='"{}" becomes "<token> <class>"')
     parser.add_argument("--concept", action="append", default=[], help="concept name or index (repeat to compose)")
-    parser.add_argument("--gate_prompt", type=str | None, default=None, help="route by this text instead")
+    parser.add_argument(
+        "--gate_prompt", type=str | None, default=None, help="route by this text instead of data.inference_gate's"
+    )
     parser.add_argument("--mask", action="append", default=[], help="one mask image per concept (composition)")
     parser.add_argument("--background", type=str, default="", help="background prompt (composition)")
     parser.add_argument("--out", type=str, required=True, help="folder the PNGs go to")
@@ -153,7 +156,7 @@ def sample(argv: list[str]) -> None:
                 raise ConfigError("--concept given twice without --mask: composing concepts needs one mask each")
             k = indices[0] if indices else None
             fill = f"{stream.tokens[k]} {stream.classes[k]}" if k is not None else ""
-            gate = cfg.gate_prompt or (stream.gate_prompts[k] if k is not None else None)
+            gate = cfg.gate_prompt or (stream.inference_gate_prompts[k] if k is not None else None)
             images, names = [], []
             for p, prompt in enumerate(cfg.prompt):
                 text = prompt.replace("{}", fill)
@@ -176,32 +179,90 @@ def _compose(model, stream, indices: list[int], cfg, settings: dict) -> torch.Te
     latent = stream.resolution // model.parts.vae_scale_factor
     masks = read_masks(cfg.mask, latent)
     regions = [cfg.prompt[i].replace("{}", f"{stream.tokens[k]} {stream.classes[k]}") for i, k in enumerate(indices)]
-    gates = [stream.gate_prompts[k] for k in indices]
+    gates = [stream.inference_gate_prompts[k] for k in indices]  # data.inference_gate
     return model.compose(regions, gates, masks, cfg.background, cfg.num_images, seed=cfg.seed, **settings)
 
 
-def export(argv: list[str]) -> None:
-    """`lifelong export`: the method's delta (experts, routers, token rows, ...) as safetensors."""
+def write_export(model, out: str, dtype: str = "float32", option: str = "--out") -> dict[str, torch.Tensor]:
+    """Writes `model.export_state_dict` (floating tensors as `dtype`) to the safetensors file `out`, with the
+    method, concepts, tokens and base model as metadata; returns the tensors written."""
     from safetensors.torch import save_file
 
+    delta = model.export_state_dict(getattr(torch, dtype))
+    metadata = {
+        "method": type(model).__name__,
+        "concepts": json.dumps(list(model.stream.task_names)),
+        "tokens": json.dumps(list(model.stream.tokens)),
+        "base": str(model.hparams.pretrained_model_name_or_path),
+        "dtype": dtype,
+    }
+    atomic_write(out, lambda tmp: save_file(delta, tmp, metadata=metadata), option)
+    return delta
+
+
+def write_diffusers_export(model, out: str, dtype: str = "float32", option: str = "--out") -> dict[str, Any]:
+    """Writes `model.save_diffusers` (files a stock diffusers StableDiffusionPipeline loads) into the folder
+    `out`, each file staged and then renamed into place, and `export.json` last (what each file is, how to load
+    it); returns that manifest."""
+    import shutil
+    import tempfile
+
+    from lightning_modules.nn.diffusion.diffusers_export import MANIFEST, loading_snippet
+
+    folder = check_output_folder(out, option)
+    with tempfile.TemporaryDirectory(prefix="lifelong-export-") as staging:
+        manifest = model.save_diffusers(staging, getattr(torch, dtype))
+        files = sorted(os.listdir(staging))
+        for name in files:
+            atomic_write(
+                folder / name, lambda tmp, name=name: shutil.copyfile(os.path.join(staging, name), tmp), option
+            )
+    base = str(model.hparams.pretrained_model_name_or_path)
+    manifest = {"format": "diffusers", "method": type(model).__name__, "base": base, "dtype": dtype, **manifest}
+    manifest["files"] = files
+    manifest["load"] = loading_snippet(manifest, str(folder))
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n", option)
+    return manifest
+
+
+def export(argv: list[str]) -> None:
+    """`lifelong export`: the method's delta (experts, routers, token rows, ...) as safetensors (`--format delta`),
+    or a folder of files a stock diffusers pipeline loads (`--format diffusers`)."""
     parser = _parser("lifelong export", "Export what a concept model learned (its delta) to a safetensors file.")
     parser.add_argument("--ckpt_path", type=str, required=True, help="the fit checkpoint (checkpoints/last.ckpt)")
-    parser.add_argument("--out", type=str, required=True, help="the .safetensors file: new, or a file to replace")
+    parser.add_argument(
+        "--out",
+        type=str,
+        required=True,
+        help="delta: the .safetensors file (new, or one to replace); diffusers: a folder",
+    )
+    parser.add_argument(
+        "--format",
+        type=Literal["delta", "diffusers"],
+        default="delta",
+        help="delta: the suite's own file (`lifelong sample --delta`); diffusers: LoRA / K/V and token files a stock "
+        "StableDiffusionPipeline loads, with export.json",
+    )
+    parser.add_argument(
+        "--dtype", type=Literal["float32", "float16", "bfloat16"], default="float32", help="floating tensors' type"
+    )
     try:
         cfg = parse_args(parser, argv)
-        check_output_file(cfg.out, "--out")  # before the model is built
+        if cfg.format == "diffusers":
+            check_output_folder(cfg.out, "--out")  # before the model is built
+        else:
+            check_output_file(cfg.out, "--out")
         model, _, settings = build(cfg.config, cfg.set)
         load_weights(model, cfg.ckpt_path, None, settings)
-        delta = {k: v.detach().contiguous().cpu() for k, v in model.delta_state_dict().items()}
-        metadata = {
-            "method": type(model).__name__,
-            "concepts": json.dumps(list(model.stream.task_names)),
-            "tokens": json.dumps(list(model.stream.tokens)),
-            "base": str(model.hparams.pretrained_model_name_or_path),
-        }
-        atomic_write(cfg.out, lambda tmp: save_file(delta, tmp, metadata=metadata), "--out")
+        if cfg.format == "diffusers":
+            manifest = write_diffusers_export(model, cfg.out, cfg.dtype)
+        else:
+            delta = write_export(model, cfg.out, cfg.dtype)
     except ConfigError as err:
         fail(str(err))
+    if cfg.format == "diffusers":
+        print(f"wrote {cfg.out}: {', '.join(manifest['files'])} and export.json (how to load them)")
+        return
     params = sum(v.numel() for v in delta.values())
     print(f"wrote {cfg.out}: {len(delta)} tensors, {params:,} values, {os.path.getsize(cfg.out):,} bytes")
 

@@ -680,6 +680,32 @@ CASES = [
         ("model.removal_threshold",),
     ),
     Case(
+        "DINO folder missing",
+        lambda f: fit_args(R2MOE, f / "run", f"--model.init_args.dino_model={f / 'dino-vits16'}"),
+        ("model.dino_model", "dino-vits16' does not exist"),
+    ),
+    Case(
+        "DINO folder without a config.json",
+        lambda f: fit_args(R2MOE, f / "run", f"--model.init_args.dino_model={f / 'dino'}"),
+        ("model.dino_model", "not a folder with a config.json"),
+        write("dino/model.safetensors", "not a model"),
+    ),
+    Case(
+        "unknown inference gate",
+        lambda f: fit_args(R2MOE, f / "run", "--data.init_args.inference_gate=class"),
+        ("inference_gate", "'token_class', 'caption'"),
+    ),
+    Case(
+        "unknown training resize",
+        lambda f: fit_args(R2MOE, f / "run", "--data.init_args.resize=crop"),
+        ("resize", "'center_crop', 'stretch'"),
+    ),
+    Case(
+        "unknown augmentation caption placement",
+        lambda f: fit_args(R2MOE, f / "run", "--data.init_args.augment_caption=after"),
+        ("augment_caption", "'prefix', 'insert'"),
+    ),
+    Case(
         "sample a delta of another method",
         lambda f: ["sample", "-c", config(R2MOE), "--delta", str(f / "cd.safetensors"), "--prompt", "p", "--out", "o"],
         ("--delta", "exported by CustomDiffusion", "R2MoE"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import zlib
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -29,7 +29,13 @@ class ConceptDiffusionModule(ContinualModule):
     init_token_id: vocabulary id whose embedding initialises every concept token (42170, "ktn").
     train_tokens: learn the current concept's token row (lr `token_lr`).
     gradient_checkpointing: recompute UNet activations in the backward pass (less memory, ~30% slower).
+    loss_reduction: how the masked squared error is reduced per sample: `channel_sum` (the released Custom
+        Diffusion / R2MoE code: summed over the 4 latent channels, averaged over the mask; 4x `mean`, which
+        scales the diffusion loss against the routing distillation and the effective learning rate) or `mean`.
     clip_model: CLIP for the metrics: `tiny`, a local Hugging Face CLIP folder, or an open_clip file (+ clip_arch).
+    dino_model: DINO for the `dino_i` metric (the mean cosine of DINO CLS features to the concept's real
+        images, as CLIP-I): `tiny` (random weights), a local Hugging Face DINO ViT folder (e.g. a saved
+        facebook/dino-vits16, the protocol's ViT-S/16), or None to skip it.
     eval_samples_per_prompt / eval_inference_steps / eval_guidance_scale / eval_eta / eval_seed: sampling
         for the evaluation after each concept (the paper: 4 samples, 50 DDIM steps, CFG 6, eta 1).
     log_images: write each concept's evaluation images to TensorBoard as a grid.
@@ -43,8 +49,10 @@ class ConceptDiffusionModule(ContinualModule):
         train_tokens: bool = True,
         token_lr: float = 1e-3,
         gradient_checkpointing: bool = False,
+        loss_reduction: Literal["channel_sum", "mean"] = "channel_sum",
         clip_model: str = "tiny",
         clip_arch: str | None = None,
+        dino_model: str | None = None,
         eval_samples_per_prompt: int = 4,
         eval_inference_steps: int = 50,
         eval_guidance_scale: float = 6.0,
@@ -55,11 +63,12 @@ class ConceptDiffusionModule(ContinualModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
         super().__init__(stream, optimizer, lr_scheduler)
-        for name in ("tokens", "classes", "gate_prompts", "resolution"):
+        for name in ("tokens", "classes", "gate_prompts", "inference_gate_prompts", "resolution"):
             if not hasattr(stream, name):
                 raise ConfigError("data: a text-to-image method needs a concept stream (datamodules.ConceptDataModule)")
         from lightning_modules.nn.diffusion.clip_score import ClipScorer
         from lightning_modules.nn.diffusion.components import load_stable_diffusion
+        from lightning_modules.nn.diffusion.dino_score import DinoScorer
         from lightning_modules.nn.diffusion.tokens import add_concept_tokens
 
         self.parts = load_stable_diffusion(pretrained_model_name_or_path)
@@ -69,7 +78,9 @@ class ConceptDiffusionModule(ContinualModule):
         if gradient_checkpointing:
             self.parts.unet.enable_gradient_checkpointing()
         self.clip = ClipScorer(clip_model, clip_arch)
+        self.dino = DinoScorer(dino_model) if dino_model is not None else None
         self.train_tokens = train_tokens
+        self.loss_reduction = loss_reduction
         self.token_lr = token_lr
         self.eval_samples_per_prompt = eval_samples_per_prompt
         self.eval_inference_steps = eval_inference_steps
@@ -103,6 +114,30 @@ class ConceptDiffusionModule(ContinualModule):
 
     def delta_state_dict(self) -> dict[str, Tensor]:
         return {k: v for k, v in self.state_dict().items() if self.is_delta(k)}
+
+    def export_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        """What `lifelong export` writes: the delta inference needs, floating tensors cast to `dtype`."""
+        return {
+            k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().cpu()
+            for k, v in self.delta_state_dict().items()
+        }
+
+    def save_diffusers(self, folder: str, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+        """Writes into `folder` what a stock diffusers `StableDiffusionPipeline` loads (`lifelong export --format
+        diffusers`) and returns its manifest: `concepts` (name, token, class, token_file) plus the UNet part's
+        files. Methods with such an export override it."""
+        raise ConfigError(f"--format diffusers: {type(self).__name__} has no diffusers export; use --format delta")
+
+    def save_diffusers_tokens(self, folder: str, task_ids, dtype: torch.dtype) -> list[dict[str, Any]]:
+        """Each concept's token row as a textual-inversion file; the manifest entries of those concepts."""
+        from lightning_modules.nn.diffusion.diffusers_export import save_token
+
+        stream, concepts = self.stream, []
+        for k in task_ids:
+            name, token = stream.task_names[k], stream.tokens[k]
+            file = save_token(folder, name, token, self.concept_tokens.rows[k], dtype)
+            concepts.append({"name": name, "token": token, "class": stream.classes[k], "token_file": file})
+        return concepts
 
     def missing_delta(self, state: dict[str, Tensor]) -> set[str]:
         """Entries of this method's delta that `state` lacks."""
@@ -143,13 +178,18 @@ class ConceptDiffusionModule(ContinualModule):
         """Context for the UNet call of a training step."""
         return contextlib.nullcontext()
 
-    def sample_routing(self, batch_size: int, gate_prompts: list[str] | None) -> contextlib.AbstractContextManager:
-        """Context for the UNet calls on a CFG batch [uncond (B); cond (B)] while sampling."""
+    def sample_routing(
+        self, batch_size: int, gate_prompts: list[str] | None, guided: bool = True
+    ) -> contextlib.AbstractContextManager:
+        """Context for the UNet calls on a CFG batch [uncond (B); cond (B)] while sampling (`guided`), or on
+        the conditional batch (B) alone (guidance_scale <= 1)."""
         return contextlib.nullcontext()
 
-    def region_routing(self, gate_prompts: list[str], batch_size: int) -> contextlib.AbstractContextManager:
+    def region_routing(
+        self, gate_prompts: list[str], batch_size: int, guided: bool = True
+    ) -> contextlib.AbstractContextManager:
         """Context for one concept's region in a composition (R2MoE: that concept's gate)."""
-        return self.sample_routing(batch_size, gate_prompts)
+        return self.sample_routing(batch_size, gate_prompts, guided)
 
     def base_routing(self) -> contextlib.AbstractContextManager:
         """Context in which the UNet is the base model (a composition's background), where the method can."""
@@ -182,7 +222,10 @@ class ConceptDiffusionModule(ContinualModule):
         context = self.encode_prompts(batch["caption"])
         prediction = parts.unet(noisy, timesteps, context).sample  # routed by `train_routing` (batch hooks)
         target = diffusion_target(parts.noise_scheduler, latents, noise, timesteps)
-        terms = {"diffusion": masked_mse(prediction, target, batch.get("mask")), **self.extra_losses(context)}
+        terms = {
+            "diffusion": masked_mse(prediction, target, batch.get("mask"), self.loss_reduction == "channel_sum"),
+            **self.extra_losses(context),
+        }
         loss = sum(terms.values())
         batch_size = latents.shape[0]
         for name, value in terms.items():
@@ -202,34 +245,39 @@ class ConceptDiffusionModule(ContinualModule):
         eta: float | None = None,
         resolution: int | None = None,
     ) -> Tensor:
-        """Images (B x 3 x H x W in [0, 1]) for `prompts`; `gate_prompts` name the concept(s) to route to."""
-        parts = self.parts
-        size = (resolution or self.stream.resolution) // parts.vae_scale_factor
+        """Images (B x 3 x H x W in [0, 1]) for `prompts`; `gate_prompts` name the concept(s) to route to.
+        guidance_scale <= 1 samples without CFG (the conditional prediction alone), as diffusers does."""
+        size = (resolution or self.stream.resolution) // self.parts.vae_scale_factor
+        guidance_scale = self.eval_guidance_scale if guidance_scale is None else guidance_scale
         cond = self.encode_prompts(prompts)
         uncond = self.encode_prompts([""])
-        routing = self.sample_routing(len(prompts), gate_prompts)
+        with self.sample_routing(len(prompts), gate_prompts, guided=guidance_scale > 1):
+            return self._sample(cond, uncond, size, seed, num_inference_steps, guidance_scale, eta)
 
-        def denoise(latents: Tensor, t: Tensor, context: Tensor) -> Tensor:
-            with routing:
-                return parts.unet(latents, t, context).sample
+    @property
+    def pipeline(self):
+        """diffusers' `StableDiffusionPipeline` over this module's parts with DDIM (built once, not saved)."""
+        pipe = self.__dict__.get("_pipeline")
+        if pipe is None:
+            from lightning_modules.nn.diffusion.sampling import stable_diffusion_pipeline
 
-        return self._sample(denoise, cond, uncond, size, seed, num_inference_steps, guidance_scale, eta)
+            pipe = self.__dict__["_pipeline"] = stable_diffusion_pipeline(self.parts)
+        return pipe
 
-    def _sample(self, denoise, cond, uncond, size, seed, num_inference_steps, guidance_scale, eta) -> Tensor:
-        """DDIM with CFG from seeded noise, decoded; unset settings take the evaluation's."""
-        from lightning_modules.nn.diffusion.sampling import ddim_sample
-
-        latents = ddim_sample(
-            denoise,
-            cond,
-            uncond,
-            (self.parts.unet.config.in_channels, size, size),
-            self.parts.noise_scheduler,
-            num_inference_steps or self.eval_inference_steps,
-            self.eval_guidance_scale if guidance_scale is None else guidance_scale,
-            self.eval_eta if eta is None else eta,
-            torch.Generator().manual_seed(seed),
-        )
+    def _sample(self, cond, uncond, size, seed, num_inference_steps, guidance_scale, eta) -> Tensor:
+        """DDIM (with CFG if guidance_scale > 1) from seeded CPU noise through the stock pipeline, the
+        caller's routing held around it; decoded by the suite. Unset settings take the evaluation's."""
+        latents = self.pipeline(
+            prompt_embeds=cond,
+            negative_prompt_embeds=uncond.expand(cond.shape[0], -1, -1),
+            height=size * self.parts.vae_scale_factor,
+            width=size * self.parts.vae_scale_factor,
+            num_inference_steps=num_inference_steps or self.eval_inference_steps,
+            guidance_scale=self.eval_guidance_scale if guidance_scale is None else guidance_scale,
+            eta=self.eval_eta if eta is None else eta,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="latent",
+        ).images
         return self.parts.decode_latents(latents)
 
     @torch.no_grad()
@@ -250,49 +298,53 @@ class ConceptDiffusionModule(ContinualModule):
         The coarse layers read the full prompt (the regions and the background joined)."""
         from lightning_modules.nn.diffusion.composition import Region, RegionalCrossAttention, regional_attention
 
-        parts, b = self.parts, num_images
+        b = num_images
+        guidance_scale = self.eval_guidance_scale if guidance_scale is None else guidance_scale
+        guided = guidance_scale > 1
         uncond = self.encode_prompts([""])
 
-        def cfg_context(prompt: str) -> Tensor:
-            return torch.cat([uncond.expand(b, -1, -1), self.encode_prompts([prompt]).expand(b, -1, -1)])
+        def context(prompt: str) -> Tensor:
+            """The prompt's context for the UNet's batch: [uncond; cond] with CFG, else cond."""
+            cond = self.encode_prompts([prompt]).expand(b, -1, -1)
+            return torch.cat([uncond.expand(b, -1, -1), cond]) if guided else cond
 
         full_prompt = ", ".join([*region_prompts, background] if background else region_prompts)
         regions = [
-            Region(cfg_context(p), lambda g=g: self.region_routing([g], b), m[None])
+            Region(context(p), lambda g=g: self.region_routing([g], b, guided), m[None])
             for p, g, m in zip(region_prompts, gate_prompts, masks, strict=True)
         ]
         processor = RegionalCrossAttention(
             regions,
-            Region(cfg_context(background), self.base_routing),
-            Region(cfg_context(full_prompt), lambda: self.region_routing(list(gate_prompts), b)),
+            Region(context(background), self.base_routing),
+            Region(context(full_prompt), lambda: self.region_routing(list(gate_prompts), b, guided)),
             min_tokens=(masks.shape[-1] // 4) ** 2,
         )
-        size = masks.shape[-1]
-
-        def denoise(latents: Tensor, t: Tensor, context: Tensor) -> Tensor:
-            return parts.unet(latents, t, context).sample
-
         cond = self.encode_prompts([full_prompt]).expand(b, -1, -1)
-        with regional_attention(parts.unet, processor):
-            return self._sample(denoise, cond, uncond, size, seed, num_inference_steps, guidance_scale, eta)
+        with regional_attention(self.parts.unet, processor):
+            return self._sample(cond, uncond, masks.shape[-1], seed, num_inference_steps, guidance_scale, eta)
 
     def eval_step(self, batch: dict[str, Any], task_id: int) -> dict[str, Tensor]:
         """Per generated image: CLIP-I (primary) against the concept's real images, CLIP-T against the
-        prompt without the token. Noise depends on the prompt only, so rows of the matrix differ by the model."""
+        prompt without the token, DINO-I (with `dino_model`) as CLIP-I on DINO features. Images are routed by
+        the concept's inference gate prompt (`data.inference_gate`). Noise depends on the prompt only, so
+        rows of the matrix differ by the model."""
         n = self.eval_samples_per_prompt
         images, plain = [], []
         for prompt, prompt_plain in zip(batch["prompt"], batch["prompt_plain"], strict=True):
             seed = self.eval_seed + zlib.crc32(prompt.encode())
-            gate = [self.stream.gate_prompts[task_id]] * n
+            gate = [self.stream.inference_gate_prompts[task_id]] * n
             images.append(self.generate([prompt] * n, gate, seed=seed))
             plain += [prompt_plain] * n
         images = torch.cat(images)
         if self.log_images and batch_idx_is_first(batch):
             self._log_grid(images, task_id)
-        return {
+        scores = {
             "clip_i": self.clip.clip_i(images, batch["reference"][0]),
             "clip_t": self.clip.clip_t(images, plain),
         }
+        if self.dino is not None:
+            scores["dino_i"] = self.dino.dino_i(images, batch["reference"][0])
+        return scores
 
     def _log_grid(self, images: Tensor, task_id: int) -> None:
         logger = self.logger

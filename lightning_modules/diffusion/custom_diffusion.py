@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from lightning_modules.diffusion.base import ConceptDiffusionModule
@@ -41,3 +42,18 @@ class CustomDiffusion(ConceptDiffusionModule):
         return super().is_delta(name) or bool(
             CROSS_ATTENTION_KV.match(name.removeprefix("parts.unet.").removesuffix(".weight"))
         )
+
+    def save_diffusers(self, folder: str, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+        """`unet_kv.safetensors`: the fine-tuned cross-attention K/V weights under the UNet's own names
+        (`pipe.unet.load_state_dict(load_file(...), strict=False)`; diffusers 0.42.1's `load_attn_procs` does
+        not install Custom Diffusion weights unless given its private `_pipeline`), and the concepts' tokens."""
+        from safetensors.torch import save_file
+
+        from lightning_modules.nn.diffusion.diffusers_export import cast
+
+        state = cast({f"{n}.weight": w for n, w in zip(self.kv_names, self.kv_parameters(), strict=True)}, dtype)
+        save_file(state, f"{folder}/unet_kv.safetensors", metadata={"format": "pt"})
+        return {
+            "unet_kv": "unet_kv.safetensors",
+            "concepts": self.save_diffusers_tokens(folder, range(self.current_task + 1), dtype),
+        }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from lightning_modules.diffusion.base import ConceptDiffusionModule
@@ -42,3 +43,15 @@ class SequentialLoRA(ConceptDiffusionModule):
 
     def is_delta(self, name: str) -> bool:
         return super().is_delta(name) or ".lora_A." in name or ".lora_B." in name
+
+    def save_diffusers(self, folder: str, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+        """`lora.safetensors` (the UNet LoRA with its peft config, for `load_lora_weights`) and the tokens of
+        the concepts trained so far."""
+        from peft.utils import get_peft_model_state_dict
+
+        from lightning_modules.nn.diffusion.diffusers_export import cast, save_unet_lora
+
+        unet = self.parts.unet
+        state = cast(get_peft_model_state_dict(unet, adapter_name="concepts"), dtype)
+        lora = save_unet_lora(folder, "lora.safetensors", state, unet.peft_config["concepts"].to_dict())
+        return {"lora": lora, "concepts": self.save_diffusers_tokens(folder, range(self.current_task + 1), dtype)}

@@ -42,7 +42,8 @@ def test_r2moe_fit_fills_the_concept_matrix(r2moe_run):
     cli, root = r2moe_run
     (report,) = read_reports(root)
     assert report["metric"] == "clip_i" and report["tasks"] == ["cat", "cup", "rocket"]
-    assert set(report["metrics"]) == {"clip_i", "clip_t"}
+    assert set(report["metrics"]) == {"clip_i", "clip_t", "dino_i"}  # the tiny config sets dino_model: tiny
+    assert all(v is not None for row in report["metrics"]["dino_i"]["matrix"] for v in row)
     assert all(v is not None for row in report["matrix"] for v in row)
     assert report["summary"]["forgetting"] is not None
     model = cli.model
@@ -70,13 +71,26 @@ def test_checkpoint_holds_the_delta_only(r2moe_run):
     keys = checkpoint["state_dict"].keys()
     assert keys and all(
         ".lora_" in k
-        or ".route." in k
+        or k.endswith((".route", ".route_frozen"))
         or ".alive" in k
         or "concept_tokens.rows" in k
         or k in ("gate_memory", "kept_experts")
         for k in keys
     )
     assert sum(v.numel() for v in checkpoint["state_dict"].values()) < 40_000  # the tiny UNet alone: 1.4 M
+    # removed layer-experts are not stored, and come back as zero from their alive flags
+    model = r2moe_run[0].model
+    dead = [
+        (n, t)
+        for n, layer in zip(model.experts.names, model.experts.layers, strict=True)
+        for t in range(3)
+        if not layer.alive[t + 1]
+    ]
+    assert dead and not any(f"parts.unet.{n}.lora_down.{t}" in keys for n, t in dead)
+    fresh, *_ = build([config(R2MOE)])
+    load_weights(fresh, str(root / "checkpoints" / "last.ckpt"), None)
+    for n, t in dead:
+        assert torch.all(fresh.parts.unet.get_submodule(n).lora_down[t] == 0)
 
 
 def test_exported_delta_reloads_to_identical_outputs(r2moe_run, tmp_path, capsys):
@@ -144,6 +158,46 @@ def test_sample_and_compose_write_pngs(r2moe_run, tmp_path):
     assert len(list((tmp_path / "two").glob("composition_*.png"))) == 2
 
 
+@pytest.mark.parametrize(
+    ("inference_gate", "cup", "cat"),
+    [
+        ("token_class", "photo of a <new2> cup", "photo of a <new1> cat"),  # the released sampling script
+        (
+            "caption",
+            "photo of a <new2> cup, espresso on a saucer on a wooden table",
+            "photo of a <new1> cat, close-up of the face",
+        ),
+    ],
+)
+def test_sample_routes_by_the_inference_gate_prompt(r2moe_run, tmp_path, monkeypatch, inference_gate, cup, cat):
+    """`lifelong sample` (one concept, and composed) routes by `data.inference_gate`'s prompt."""
+    from PIL import Image
+
+    from lightning_modules.diffusion import R2MoE
+
+    seen = []
+
+    def generate(self, prompts, gate_prompts=None, **kwargs):
+        seen.append(list(gate_prompts))
+        return torch.zeros(len(prompts), 3, 8, 8)
+
+    def compose(self, regions, gate_prompts, masks, background, num_images, **kwargs):
+        seen.append(list(gate_prompts))
+        return torch.zeros(num_images, 3, 8, 8)
+
+    monkeypatch.setattr(R2MoE, "generate", generate)
+    monkeypatch.setattr(R2MoE, "compose", compose)
+    ckpt = str(r2moe_run[1] / "checkpoints" / "last.ckpt")
+    common = ["-c", config(R2MOE), "--ckpt_path", ckpt, "--num_images", "1"]
+    common += ["--set=--data.init_args.inference_gate", f"--set={inference_gate}"]
+    sample([*common, "--prompt", "{} on a beach", "--concept", "cup", "--out", str(tmp_path / "one")])
+    Image.fromarray(torch.full((64, 64), 255, dtype=torch.uint8).numpy()).save(tmp_path / "m.png")
+    composed = ["--concept", "cup", "--concept", "cat", "--prompt", "{}", "--prompt", "{}"]
+    composed += ["--mask", str(tmp_path / "m.png"), "--mask", str(tmp_path / "m.png")]
+    sample([*common, *composed, "--out", str(tmp_path / "two")])
+    assert seen == [[cup], [cup, cat]]
+
+
 def test_sample_errors_are_one_line(r2moe_run, tmp_path, capsys):
     _, root = r2moe_run
     with pytest.raises(SystemExit):
@@ -179,20 +233,26 @@ def test_r2moe_resumes_to_the_uninterrupted_delta(run_fit, tmp_path):
         assert row_a == pytest.approx(row_b, abs=1e-4)
 
 
-def test_routing_distillation_keeps_the_first_concepts_routing(run_fit, tmp_path):
+def test_routing_distillation_keeps_the_first_concepts_routing(run_fit, tmp_path, monkeypatch):
     """After learning concept 2, concept 1's gate prompt is routed as before up to the distillation
     slack sum ||u_1 R_2||: with the distillation term that slack is far smaller than without it."""
+    from lightning_modules.nn.diffusion.experts import MoELoRALinear
+
+    folded = []  # each layer's router increment R_t as the end of its task adds it to the frozen routers
+    fold = MoELoRALinear.fold_router
+    monkeypatch.setattr(MoELoRALinear, "fold_router", lambda layer: (folded.append(layer.route.clone()), fold(layer)))
     fast_router = ("--model.init_args.router_lr", "0.05", "--task_switch.steps_per_task", "6")
     slack = {}
     for weight in ("0.0", "10.0"):
+        folded.clear()
         cli = run_fit(
             R2MOE, tmp_path / weight, *FAST, *TWO, *fast_router, "--model.init_args.distillation_weight", weight
         )
         model = cli.model
         u = model.gate_memory[:1]
-        slack[weight] = float(model.experts.routing_distillation(u, 1))
-        before = model.experts.layers[0].gates(u[0], 0, training=False)
-        assert before[0] == [0, 1]
+        layers = len(model.experts.layers)
+        assert len(folded) == 2 * layers
+        slack[weight] = float(sum(torch.linalg.matrix_norm(u @ r) for r in folded[layers:]))
     assert slack["0.0"] > 0 and slack["10.0"] < 0.5 * slack["0.0"]
 
 
@@ -347,3 +407,25 @@ def test_sample_out_must_be_a_folder(tmp_path, capsys):
     assert stop.value.code == 2
     assert _one_line_error(capsys) == f"--out {mine}: {mine} is not a folder; choose a folder for the files"
     assert mine.read_text() == "mine"
+
+
+def test_export_format_diffusers_writes_a_folder_of_loadable_files(r2moe_run, tmp_path, capsys):
+    """The CLI path of `--format diffusers` (what the files load to: tests/lightning_modules/test_diffusers_export)."""
+    ckpt = str(r2moe_run[1] / "checkpoints" / "last.ckpt")
+    args = ["-c", config("trainer/cpu.yaml"), "-c", config(R2MOE), "--ckpt_path", ckpt, "--format", "diffusers"]
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    with pytest.raises(SystemExit) as stop:
+        export([*args, "--out", str(mine)])
+    assert stop.value.code == 2
+    assert _one_line_error(capsys) == f"--out {mine}: {mine} is not a folder; choose a folder for the files"
+    out = tmp_path / "diffusers"
+    export([*args, "--out", str(out)])
+    assert "export.json" in capsys.readouterr().out
+    manifest = json.loads((out / "export.json").read_text())
+    assert manifest["method"] == "R2MoE" and [c["name"] for c in manifest["concepts"]] == ["cat", "cup", "rocket"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*manifest["files"], "export.json"])  # no temporaries
+    for concept in manifest["concepts"]:
+        assert concept["token_file"] in manifest["files"]
+        assert concept["lora"] is None or concept["lora"] == f"{concept['name']}.safetensors"
+    assert any(line.startswith("pipe.load_lora_weights(") for line in manifest["load"])

@@ -64,6 +64,11 @@ def test_masked_mse_is_the_mean_over_each_samples_mask():
     # sample 0: (1 + 16) / 2; sample 1: an empty mask (a far-away paste at tiny size) contributes 0
     assert masked_mse(pred, target, mask).item() == pytest.approx((17 / 2 + 0) / 2)
     assert masked_mse(pred, target).item() == pytest.approx((1 + 4 + 9 + 16 + 4) / 8)
+    # two channels under a one-channel mask: `mean` averages them, the released reduction sums them
+    pred2, mask2 = torch.cat([pred, 2 * pred], dim=1), mask
+    sample0 = (1 + 16) + (4 + 64)  # squared errors under the mask, both channels
+    assert masked_mse(pred2, target.expand_as(pred2), mask2).item() == pytest.approx(sample0 / 4 / 2)
+    assert masked_mse(pred2, target.expand_as(pred2), mask2, channel_sum=True).item() == pytest.approx(sample0 / 2 / 2)
 
 
 def test_diffusion_target_follows_the_prediction_type():

@@ -15,7 +15,8 @@ from cli.errors import ConfigError
 TINY = "tiny"
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
-# SD 1.x's training schedule: 1000 steps, "scaled linear" betas 0.00085 -> 0.012, epsilon prediction.
+# SD 1.x's training schedule: 1000 steps, "scaled linear" betas 0.00085 -> 0.012, epsilon prediction (and its
+# saved config's steps_offset 1, which diffusers' pipelines expect).
 SD_SCHEDULE = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,
@@ -23,6 +24,7 @@ SD_SCHEDULE = dict(
     beta_schedule="scaled_linear",
     prediction_type="epsilon",
     clip_sample=False,
+    steps_offset=1,
 )
 
 
@@ -140,9 +142,21 @@ def load_stable_diffusion(pretrained_model_name_or_path: str, seed: int = 0) -> 
 
 
 def save_tiny(path: str, seed: int = 0) -> str:
-    """Writes the tiny preset as a diffusers folder (what a saved SD checkpoint looks like on disk)."""
+    """Writes the tiny preset as a diffusers folder (what a saved SD checkpoint looks like on disk), with the
+    `model_index.json` that lets a stock `StableDiffusionPipeline.from_pretrained` load it."""
+    import json
+
+    from diffusers import __version__
+
     parts = tiny_stable_diffusion(seed)
     for name in ("unet", "vae", "text_encoder", "tokenizer"):
         getattr(parts, name).save_pretrained(os.path.join(path, name))
     parts.noise_scheduler.save_pretrained(os.path.join(path, "scheduler"))
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": __version__}
+    for name in SUBFOLDERS:  # (library, class) per component, as diffusers' pipelines write it
+        part = getattr(parts, "noise_scheduler" if name == "scheduler" else name)
+        index[name] = [type(part).__module__.split(".")[0], type(part).__name__]
+    index |= {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+    with open(os.path.join(path, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=2, sort_keys=True)
     return path

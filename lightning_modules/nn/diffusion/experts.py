@@ -2,10 +2,12 @@
 
 Each wrapped layer keeps its frozen base (`base_layer`) and a pool allocated up front from the number
 of tasks: expert 0 is the permanent null expert (no weights: "use W0 here"), expert e = t + 1 belongs
-to task t (A: d_in x r, Kaiming-uniform; B: r x d_out, zero), and task t owns a router slice R_t
-(d_in x (N+1), zero). The layer output is W0 x + x (sum_{j in S} g_j A_j B_j), the gate g a softmax over
-the selected logits of u G, with u the token- and batch-mean of the text context. A `GateContext`
-shared by all layers says, per UNet call, how to route (set by the method around the call).
+to task t (A: d_in x r, Kaiming-uniform; B: r x d_out, zero). Task t trains a router increment R_t
+(d_in x (N+1), zero at the start); at the task's end it is added into the frozen sum of the finished
+tasks' routers, the only router inference needs, so a layer stores two router matrices whatever N is
+(the released code keeps all N). The layer output is W0 x + x (sum_{j in S} g_j A_j B_j), the gate g
+a softmax over the selected logits of u G, with u the token- and batch-mean of the text context. A
+`GateContext` shared by all layers says, per UNet call, how to route (set by the method around the call).
 """
 
 from __future__ import annotations
@@ -38,7 +40,16 @@ class GateContext:
 
 
 class MoELoRALinear(nn.Module):
-    """A frozen `nn.Linear` plus R2MoE's gated pool of rank-`rank` experts."""
+    """A frozen `nn.Linear` plus R2MoE's gated pool of rank-`rank` experts.
+
+    expert_init: the scale of A's Kaiming-uniform init: `released` (bound 1/sqrt(d_in r), as the released
+        code initialises its stacked P x d_in x r tensor, whose fan-in is d_in r) or `per_expert`
+        (1/sqrt(d_in), as nn.Linear / peft initialise one d_in -> r matrix: twice the released scale at r=4).
+    removed_experts / removed_experts_training: whether a removed expert can still take a top-k slot (and
+        add zero: `faithful`, the released code) or is skipped (`masked`), at inference / in training and
+        at removal time. Masking in training changes what a new expert competes with (in a layer with a
+        dead expert its initial gate is 1/2 instead of 1/3, above the removal threshold).
+    """
 
     def __init__(
         self,
@@ -48,20 +59,24 @@ class MoELoRALinear(nn.Module):
         top_k: int,
         context: GateContext,
         removed_experts: Literal["masked", "faithful"] = "masked",
+        removed_experts_training: Literal["masked", "faithful"] = "faithful",
+        expert_init: Literal["released", "per_expert"] = "released",
     ):
         super().__init__()
         self.base_layer = base_layer
         self.base_layer.requires_grad_(False)
         d_in, d_out = base_layer.in_features, base_layer.out_features
-        bound = 1 / math.sqrt(d_in)  # Kaiming-uniform with a = sqrt(5), as nn.Linear / peft initialise A
+        bound = 1 / math.sqrt(d_in * rank if expert_init == "released" else d_in)  # Kaiming-uniform, a = sqrt(5)
         self.lora_down = nn.ParameterList(
             [nn.Parameter(torch.empty(d_in, rank).uniform_(-bound, bound)) for _ in range(num_tasks)]
         )
         self.lora_up = nn.ParameterList([nn.Parameter(torch.zeros(rank, d_out)) for _ in range(num_tasks)])
-        self.route = nn.ParameterList([nn.Parameter(torch.zeros(d_in, num_tasks + 1)) for _ in range(num_tasks)])
+        self.route = nn.Parameter(torch.zeros(d_in, num_tasks + 1))  # R_t of the task in training
+        self.register_buffer("route_frozen", torch.zeros(d_in, num_tasks + 1))  # sum of the finished tasks' R_s
         self.register_buffer("alive", torch.ones(num_tasks + 1, dtype=torch.bool))
         self.top_k = top_k
         self.removed_experts = removed_experts
+        self.removed_experts_training = removed_experts_training
         self.__dict__["context"] = context  # shared, not a submodule
 
     @property
@@ -69,25 +84,31 @@ class MoELoRALinear(nn.Module):
         return len(self.lora_up)
 
     def task_parameters(self, task_id: int) -> list[nn.Parameter]:
-        return [self.lora_down[task_id], self.lora_up[task_id], self.route[task_id]]
+        """Task t's expert and the router increment (one matrix every task trains in turn)."""
+        return [self.lora_down[task_id], self.lora_up[task_id], self.route]
 
     def router(self, task_id: int, training: bool) -> Tensor:
-        """G: the frozen routers of earlier tasks plus, in training, task t's increment on columns 1..t+1."""
+        """G: the finished tasks' routers (all of them at inference) plus, in training, task t's increment
+        on its columns 1..t+1 (the others, column 0 included, carry no gradient and stay zero)."""
         if not training:
-            return sum(self.route[s] for s in range(task_id + 1))
-        current = self.route[task_id]
-        learn = torch.zeros(current.shape[1], dtype=current.dtype, device=current.device)
+            return self.route_frozen
+        learn = torch.zeros(self.route.shape[1], dtype=self.route.dtype, device=self.route.device)
         learn[1 : task_id + 2] = 1
-        current = current * learn + (current * (1 - learn)).detach()
-        return sum((self.route[s].detach() for s in range(task_id)), current)
+        return self.route_frozen + (self.route * learn + (self.route * (1 - learn)).detach())
+
+    @torch.no_grad()
+    def fold_router(self) -> None:
+        """At a task's end: its router increment joins the frozen sum; the next task starts from zero."""
+        self.route_frozen += self.route
+        self.route.zero_()
 
     def select(self, logits: Tensor, task_id: int, training: bool) -> tuple[list[int], Tensor]:
         """Experts S and gates g = softmax(logits[S]): null + top-(K-1) old + the new one (training),
-        or null + top-K learned (inference). Removed experts are skipped ("masked") or may still win
-        a slot and add nothing ("faithful", as in the released code)."""
+        or null + top-K learned (inference); removed experts as `removed_experts(_training)` says."""
         newest = task_id + 1
         old = range(1, newest) if training else range(1, newest + 1)
-        candidates = [e for e in old if self.removed_experts == "faithful" or bool(self.alive[e])]
+        masking = self.removed_experts_training if training else self.removed_experts
+        candidates = [e for e in old if masking == "faithful" or bool(self.alive[e])]
         k = min(len(candidates), self.top_k - 1 if training else self.top_k)
         chosen: list[int] = []
         if k:
@@ -97,7 +118,7 @@ class MoELoRALinear(nn.Module):
         return selected, torch.softmax(logits[selected], dim=0)
 
     def gates(self, u: Tensor, task_id: int, training: bool) -> tuple[list[int], Tensor]:
-        logits = u.to(self.route[0].dtype) @ self.router(task_id, training)
+        logits = u.to(self.route.dtype) @ self.router(task_id, training)
         return self.select(logits, task_id, training)
 
     def mixed_delta(self, u: Tensor, task_id: int, training: bool) -> Tensor:
@@ -138,10 +159,24 @@ CROSS_ATTENTION_KV = re.compile(r".*attn2\.(to_k|to_v)$")
 class ExpertBank(nn.Module):
     """All wrapped K/V layers of a UNet and the operations R2MoE runs over them."""
 
-    def __init__(self, unet: nn.Module, num_tasks: int, rank: int = 4, top_k: int = 3, removed_experts: str = "masked"):
+    def __init__(
+        self,
+        unet: nn.Module,
+        num_tasks: int,
+        rank: int = 4,
+        top_k: int = 3,
+        removed_experts: str = "masked",
+        removed_experts_training: str = "faithful",
+        expert_init: str = "released",
+    ):
         super().__init__()
-        if removed_experts not in ("masked", "faithful"):
-            raise ValueError(f"removed_experts must be 'masked' or 'faithful', got {removed_experts!r}")
+        for option, value, choices in (
+            ("removed_experts", removed_experts, ("masked", "faithful")),
+            ("removed_experts_training", removed_experts_training, ("masked", "faithful")),
+            ("expert_init", expert_init, ("released", "per_expert")),
+        ):
+            if value not in choices:
+                raise ConfigError(f"model.{option} must be one of {list(choices)}, got {value!r}")
         for option, value in (("rank", rank), ("top_k", top_k)):
             if value < 1:
                 raise ConfigError(f"model.{option} must be at least 1, got {value}")
@@ -154,7 +189,16 @@ class ExpertBank(nn.Module):
         for name in names:
             parent_name, child = name.rsplit(".", 1)
             parent = unet.get_submodule(parent_name)
-            layer = MoELoRALinear(getattr(parent, child), num_tasks, rank, top_k, self.context, removed_experts)
+            layer = MoELoRALinear(
+                getattr(parent, child),
+                num_tasks,
+                rank,
+                top_k,
+                self.context,
+                removed_experts,
+                removed_experts_training,
+                expert_init,
+            )
             setattr(parent, child, layer)
             layers.append(layer)
         self.__dict__["layers"] = layers  # registered (and saved) inside the UNet
@@ -167,7 +211,12 @@ class ExpertBank(nn.Module):
         return [p for layer in self.layers for p in (layer.lora_down[task_id], layer.lora_up[task_id])]
 
     def router_parameters(self, task_id: int) -> list[nn.Parameter]:
-        return [layer.route[task_id] for layer in self.layers]
+        return [layer.route for layer in self.layers]
+
+    def fold_routers(self) -> None:
+        """Each layer's router increment joins its frozen sum (at the end of a task)."""
+        for layer in self.layers:
+            layer.fold_router()
 
     def routing(self, mode: str, task: int, gate: Tensor | None = None, delta_mask: Tensor | None = None):
         """Context manager: route the UNet calls inside it this way, then back to the base model."""
@@ -176,10 +225,7 @@ class ExpertBank(nn.Module):
     def routing_distillation(self, old_inputs: Tensor, task_id: int) -> Tensor:
         """sum over layers of ||U_old R_t||_F: how much task t's router increment moves the logits of the
         earlier concepts' prompts (U_old: (t) x d_in, detached)."""
-        return sum(
-            torch.linalg.matrix_norm(old_inputs.to(layer.route[task_id].dtype) @ layer.route[task_id])
-            for layer in self.layers
-        )
+        return sum(torch.linalg.matrix_norm(old_inputs.to(layer.route.dtype) @ layer.route) for layer in self.layers)
 
     def new_expert_gates(self, u: Tensor, task_id: int) -> Tensor:
         """Per layer, the training-time gate of task t's expert for router input u."""

@@ -17,13 +17,18 @@ def diffusion_target(noise_scheduler, latents: Tensor, noise: Tensor, timesteps:
     raise ValueError(f"prediction_type {kind!r} is not supported: use 'epsilon' or 'v_prediction'")
 
 
-def masked_mse(prediction: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Mean over the batch of each sample's squared error averaged over its mask (B x 1 x h x w, 0/1)."""
+def masked_mse(prediction: Tensor, target: Tensor, mask: Tensor | None = None, channel_sum: bool = False) -> Tensor:
+    """Mean over the batch of each sample's squared error over its mask (B x 1 x h x w, 0/1): averaged over
+    the masked positions and the channels, or (`channel_sum`, the released Custom Diffusion / R2MoE code)
+    summed over the channels, i.e. C times larger: their 1-channel mask's sum divides a C-channel sum."""
     err = (prediction.float() - target.float()) ** 2
     if mask is None:
         return err.mean()
-    mask = mask.float().expand_as(err)
-    per_sample = (err * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1.0)
+    mask = mask.float()
+    per_pixel = mask.flatten(1).sum(1).clamp_min(1.0)
+    if not channel_sum:
+        per_pixel = per_pixel * err.shape[1]
+    per_sample = (err * mask.expand_as(err)).flatten(1).sum(1) / per_pixel
     return per_sample.mean()
 
 

@@ -1,53 +1,38 @@
-"""DDIM sampling with classifier-free guidance, written out so methods can route each UNet call."""
+"""Sampling through diffusers' own `StableDiffusionPipeline` (DDIM, classifier-free guidance) on the
+suite's parts: the same code path a user of an export runs, with the method's routing entered around it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 
-import torch
-from torch import Tensor
-
-
-def ddim_scheduler(train_scheduler, num_inference_steps: int):
+def ddim_scheduler(train_scheduler, num_inference_steps: int | None = None):
     """diffusers' DDIM scheduler on the training schedule (SD's settings: no final alpha, offset 1)."""
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler.from_config(
         train_scheduler.config, set_alpha_to_one=False, steps_offset=1, clip_sample=False
     )
-    scheduler.set_timesteps(num_inference_steps)
+    if num_inference_steps is not None:
+        scheduler.set_timesteps(num_inference_steps)
     return scheduler
 
 
-def guided(eps_uncond: Tensor, eps_cond: Tensor, guidance_scale: float) -> Tensor:
-    """Classifier-free guidance: eps_u + w (eps_c - eps_u)."""
-    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+def stable_diffusion_pipeline(parts):
+    """A stock `StableDiffusionPipeline` over `parts` (shared, not copied), sampling with `ddim_scheduler`.
 
+    The caller passes text embeddings (`prompt_embeds`, `negative_prompt_embeds`), so the pipeline never
+    tokenises; it calls the UNet on the CFG batch [unconditional; conditional], as the method's routing
+    expects, and skips CFG when guidance_scale <= 1 (the conditional batch alone)."""
+    from diffusers import StableDiffusionPipeline
 
-@torch.no_grad()
-def ddim_sample(
-    denoise: Callable[[Tensor, Tensor, Tensor], Tensor],
-    cond: Tensor,
-    uncond: Tensor,
-    latent_shape: tuple[int, ...],
-    train_scheduler,
-    num_inference_steps: int = 50,
-    guidance_scale: float = 6.0,
-    eta: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Latents x_0 for text contexts `cond` (B x L x d). `denoise(latents, t, context)` is called on the
-    CFG batch [unconditional; conditional] (2B) and returns the predicted noise."""
-    scheduler = ddim_scheduler(train_scheduler, num_inference_steps)
-    device, batch = cond.device, cond.shape[0]
-    latents = torch.randn((batch, *latent_shape), generator=generator).to(device, cond.dtype)
-    latents = latents * scheduler.init_noise_sigma
-    context = torch.cat([uncond.expand(batch, -1, -1), cond])
-    for t in scheduler.timesteps:
-        model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        eps_u, eps_c = denoise(model_input, t.to(device), context).chunk(2)
-        noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype) if eta > 0 else None
-        latents = scheduler.step(
-            guided(eps_u, eps_c, guidance_scale), t, latents, eta=eta, variance_noise=noise
-        ).prev_sample
-    return latents
+    pipe = StableDiffusionPipeline(
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        tokenizer=parts.tokenizer,
+        unet=parts.unet,
+        scheduler=ddim_scheduler(parts.noise_scheduler),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -163,14 +163,15 @@ def _flip(x: Tensor) -> Tensor:
     return x.flip(-1) if torch.rand(()) < 0.5 else x
 
 
-def augment_target(image: Tensor, mask_downsample: int = 8) -> tuple[Tensor, Tensor, str]:
+def augment_target(image: Tensor, mask_downsample: int = 8, canvas: str = "grey") -> tuple[Tensor, Tensor, str]:
     """Custom Diffusion's target augmentation of one R x R image in [-1, 1], drawn from torch's global RNG.
 
     Flip; then with probability 2/3 a size in [170/512 R, R]: below 0.6 R the image shrinks onto a black
     canvas at a random place and the loss mask keeps only the latent pixels inside the pasted square, less
     one on each side (Custom Diffusion's indexing: the cell holding its first row / column is dropped,
     and the last fully covered one); otherwise (1/3) it is enlarged 1.2-1.4x and randomly cropped. Sizes
-    are made even. Returns (pixels, mask [1, R/d, R/d], caption prefix or "").
+    are made even. The canvas is `grey` (0 in [-1, 1]: the released code's np.zeros after scaling the
+    image) or `black` (-1, as the spec describes it). Returns (pixels, mask [1, R/d, R/d], caption prefix or "").
     """
     r, d = image.shape[-1], mask_downsample
     image = _flip(image)
@@ -183,11 +184,11 @@ def augment_target(image: Tensor, mask_downsample: int = 8) -> tuple[Tensor, Ten
     if size < 0.6 * r:
         prefix = SMALL_PREFIXES[int(torch.randint(2, ()))]
         y, x = (int(v) for v in torch.randint(r - size + 1, (2,)))
-        canvas = torch.full_like(image, -1.0)
-        canvas[:, y : y + size, x : x + size] = _resize(image, size)
+        pasted = torch.full_like(image, -1.0 if canvas == "black" else 0.0)
+        pasted[:, y : y + size, x : x + size] = _resize(image, size)
         mask.zero_()
         mask[:, y // d + 1 : (y + size) // d - 1, x // d + 1 : (x + size) // d - 1] = 1
-        return canvas, mask, prefix
+        return pasted, mask, prefix
     if size > r:
         prefix = ZOOM_PREFIXES[int(torch.randint(2, ()))]
         y, x = (int(v) for v in torch.randint(size - r + 1, (2,)))
@@ -256,7 +257,7 @@ def augmented_caption(line: str, prefix: str, augment_caption: str = "prefix") -
     return prefix + "photo of a " + line
 
 
-def augment_batch(batch: dict, mask_downsample: int, augment_caption: str = "prefix") -> dict:
+def augment_batch(batch: dict, mask_downsample: int, augment_caption: str = "prefix", canvas: str = "grey") -> dict:
     """Custom Diffusion's augmentation of a training batch, item by item: regularisation images are only
     flipped; concept images go through `augment_target` and their caption gets its prefix
     (`augmented_caption`)."""
@@ -265,7 +266,7 @@ def augment_batch(batch: dict, mask_downsample: int, augment_caption: str = "pre
         if is_reg:
             pixels[i] = _flip(pixels[i])
             continue
-        image, mask, prefix = augment_target(pixels[i], mask_downsample)
+        image, mask, prefix = augment_target(pixels[i], mask_downsample, canvas)
         pixels[i], masks[i] = image, mask.to(masks.device)
         captions[i] = augmented_caption(batch["line"][i], prefix, augment_caption)
     return {**batch, "pixels": pixels, "mask": masks, "caption": captions}
@@ -312,6 +313,8 @@ class ConceptDataModule(ContinualDataModule):
         augment_caption: where the augmentation's caption prefix goes: `prefix` (the released code: before the
             whole caption, "a far away photo of a <new1> dog, ...") or `insert` (the suite's earlier reading:
             after "photo of a ", "photo of a far away <new1> dog, ...").
+        canvas: the zoom-out canvas around a shrunken concept image: `grey` (the released code, whose
+            canvas is 0 after images are scaled to [-1, 1]) or `black` (the spec's description).
         resize: how a training image (concept or regularisation) becomes square: `center_crop` (the released
             code: its centred square, then resized) or `stretch` (the suite's earlier reading: the whole
             image squashed to `resolution`², changing its aspect ratio).
@@ -335,6 +338,7 @@ class ConceptDataModule(ContinualDataModule):
         mask_downsample: int = 8,
         augment: bool = True,
         augment_caption: Literal["prefix", "insert"] = "prefix",
+        canvas: Literal["grey", "black"] = "grey",
         resize: Literal["center_crop", "stretch"] = "center_crop",
         inference_gate: Literal["token_class", "caption"] = "token_class",
         clip_resolution: int = 224,
@@ -354,6 +358,7 @@ class ConceptDataModule(ContinualDataModule):
             raise ConfigError(f"data.max_eval_prompts: {max_eval_prompts} must be at least 1 (or null for all)")
         for name, value, choices in (
             ("augment_caption", augment_caption, ("prefix", "insert")),
+            ("canvas", canvas, ("grey", "black")),
             ("resize", resize, ("center_crop", "stretch")),
             ("inference_gate", inference_gate, ("token_class", "caption")),
         ):
@@ -369,6 +374,7 @@ class ConceptDataModule(ContinualDataModule):
         self.mask_downsample = mask_downsample
         self.augment = augment
         self.augment_caption = augment_caption
+        self.canvas = canvas
         self.resize = resize
         self.inference_gate = inference_gate
         self.clip_resolution = clip_resolution
@@ -519,7 +525,7 @@ class ConceptDataModule(ContinualDataModule):
         batch = super().on_after_batch_transfer(batch, dataloader_idx)
         trainer = self.trainer
         if self.augment and trainer is not None and trainer.training and "is_reg" in batch:
-            batch = augment_batch(batch, self.mask_downsample, self.augment_caption)
+            batch = augment_batch(batch, self.mask_downsample, self.augment_caption, self.canvas)
         return batch
 
     def eval_dataset(self, task_id: int) -> Dataset:

@@ -706,6 +706,31 @@ CASES = [
         ("augment_caption", "'prefix', 'insert'"),
     ),
     Case(
+        "unknown zoom-out canvas",
+        lambda f: fit_args(R2MOE, f / "run", "--data.init_args.canvas=white"),
+        ("canvas", "grey", "black"),
+    ),
+    Case(
+        "unknown expert init",
+        lambda f: fit_args(R2MOE, f / "run", "--model.init_args.expert_init=xavier"),
+        ("expert_init", "released", "per_expert"),
+    ),
+    Case(
+        "unknown removed-expert handling in training",
+        lambda f: fit_args(R2MOE, f / "run", "--model.init_args.removed_experts_training=drop"),
+        ("removed_experts_training", "masked", "faithful"),
+    ),
+    Case(
+        "unknown loss reduction",
+        lambda f: fit_args(R2MOE, f / "run", "--model.init_args.loss_reduction=sum"),
+        ("loss_reduction", "channel_sum", "mean"),
+    ),
+    Case(
+        "export in an unknown dtype",
+        lambda f: ["export", "-c", config(R2MOE), "--ckpt_path", str(f / "last.ckpt"), "--out", "d.st", "--dtype=fp8"],
+        ("--dtype", "float16"),
+    ),
+    Case(
         "sample a delta of another method",
         lambda f: ["sample", "-c", config(R2MOE), "--delta", str(f / "cd.safetensors"), "--prompt", "p", "--out", "o"],
         ("--delta", "exported by CustomDiffusion", "R2MoE"),

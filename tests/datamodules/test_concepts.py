@@ -151,17 +151,19 @@ def test_without_augmentation_items_are_the_resized_images(concepts):
         assert torch.equal(ds[0]["pixels"], ds[0]["pixels"])  # reg items are not flipped either
 
 
-def test_augmentation_branches_and_their_masks():
+@pytest.mark.parametrize(("canvas", "background"), [("grey", 0.0), ("black", -1.0)])
+def test_augmentation_branches_and_their_masks(canvas, background):
     R = 128  # at 64 px a far-away copy can be too small to keep any latent pixel
     torch.manual_seed(0)
-    image = torch.rand(3, R, R)  # far from -1, so the black canvas is recognisable
+    image = torch.rand(3, R, R) * 0.5 + 0.25  # far from 0 and -1, so either canvas is recognisable
     seen = set()
     for _ in range(300):
-        pixels, mask, prefix = augment_target(image, D)
+        pixels, mask, prefix = augment_target(image, D, canvas)
         assert pixels.shape == (3, R, R) and mask.shape == (1, R // D, R // D)
         assert -1 <= pixels.min() and pixels.max() <= 1
         if prefix in SMALL_PREFIXES:
-            pasted = (pixels > -1).any(0)
+            pasted = (pixels != background).any(0)
+            assert bool((pixels[:, ~pasted] == background).all())  # the canvas: released grey or black
             rows, cols = pasted.any(1).nonzero().squeeze(1), pasted.any(0).nonzero().squeeze(1)
             y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
             size = y1 - y0
@@ -177,7 +179,7 @@ def test_augmentation_branches_and_their_masks():
             assert not bool((full & ~inside).any())  # zero outside the pasted square, with a margin
             seen.add("small")
         elif prefix in ZOOM_PREFIXES:
-            assert bool((mask == 1).all()) and not bool((pixels == -1).all(0).any())
+            assert bool((mask == 1).all()) and not bool((pixels == background).all(0).any())
             seen.add("zoom")
         else:
             assert prefix == "" and bool((mask == 1).all())
@@ -215,7 +217,7 @@ def test_small_scale_items_have_far_away_captions_and_masks(concepts, augment_ca
             assert item["caption"].split("<new1>")[0] in starts
             assert item["mask"].sum() < (R // D) ** 2  # may be empty at 64 px
             outside = item["mask"][0].repeat_interleave(D, 0).repeat_interleave(D, 1) == 0
-            canvas = (item["pixels"] == -1).all(0)
+            canvas = (item["pixels"] == 0).all(0)  # the released grey canvas
             assert bool(canvas.any())
             assert not bool((canvas & ~outside).any())  # the mask never covers canvas
             break

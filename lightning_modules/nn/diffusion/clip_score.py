@@ -79,7 +79,45 @@ def _features(out) -> Tensor:
     return out if isinstance(out, Tensor) else out.pooler_output
 
 
-class ClipScorer(nn.Module):
+def eval_view(images: Tensor, short: int, crop: int, mean: Tensor, std: Tensor) -> Tensor:
+    """The usual evaluation transform of an image encoder, in torch on the images' device: bicubic
+    (antialiased) resize of the shorter side to `short`, centre crop to `crop`, mean / std normalisation.
+    `images` are B x 3 (or 1) x H x W, uint8 or float in [0, 1]; returns float32 B x 3 x crop x crop."""
+    if images.dim() == 3:
+        images = images.unsqueeze(0)
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be B x 3 x H x W (or B x 1 x H x W), got {tuple(images.shape)}")
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    h, w = x.shape[-2:]
+    if min(h, w) != short:  # torchvision's Resize(int): the longer side int(short * long / shorter)
+        new_h, new_w = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+        x = x.clamp(0.0, 1.0)
+        h, w = new_h, new_w
+    top, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
+    x = x[..., top : top + crop, left : left + crop]
+    return (x - mean.to(x.device)) / std.to(x.device)
+
+
+class FrozenScorer(nn.Module):
+    """A metric's image (and text) encoder `self.model`: frozen and always in eval mode (dropout off), a
+    fixed measuring instrument."""
+
+    def train(self, mode: bool = True) -> FrozenScorer:
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+class ClipScorer(FrozenScorer):
     """A frozen CLIP that embeds images (B x 3 x H x W, float in [0, 1] or uint8) and texts, L2-normalised.
 
     `source`: "tiny" (random, deterministic for `seed`), a local Hugging Face CLIP folder, or a local open_clip
@@ -120,41 +158,9 @@ class ClipScorer(nn.Module):
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
         self.train(False)
 
-    def train(self, mode: bool = True) -> ClipScorer:
-        """Always stays in eval mode (dropout off): the scorer is a fixed measuring instrument."""
-        return super().train(False)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
     def preprocess(self, images: Tensor) -> Tensor:
-        """CLIP's eval transform in torch on the images' device: bicubic (antialiased) resize of the shorter side
-        to `image_size`, centre crop, mean/std normalisation. Returns float32 B x 3 x S x S."""
-        if images.dim() == 3:
-            images = images.unsqueeze(0)
-        if images.dim() != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"images must be B x 3 x H x W (or B x 1 x H x W), got {tuple(images.shape)}")
-        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        size = self.image_size
-        h, w = x.shape[-2:]
-        if min(h, w) != size:
-            if h <= w:
-                new_h, new_w = size, int(size * w / h)
-            else:
-                new_h, new_w = int(size * h / w), size
-            x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
-            x = x.clamp(0.0, 1.0)
-            h, w = new_h, new_w
-        top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-        x = x[..., top : top + size, left : left + size]
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        """CLIP's eval transform: the shorter side resized to `image_size`, centre crop, CLIP's mean / std."""
+        return eval_view(images, self.image_size, self.image_size, self.mean, self.std)
 
     @torch.no_grad()
     def embed_images(self, images: Tensor) -> Tensor:

@@ -16,10 +16,10 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from cli.errors import ConfigError
-from lightning_modules.nn.diffusion.clip_score import clip_i_score
+from lightning_modules.nn.diffusion.clip_score import FrozenScorer, clip_i_score, eval_view
 
 TINY = "tiny"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -51,7 +51,7 @@ def tiny_dino_config():
     )
 
 
-class DinoScorer(nn.Module):
+class DinoScorer(FrozenScorer):
     """A frozen DINO ViT that embeds images (B x 3 x H x W, float in [0, 1] or uint8) as L2-normalised CLS
     features. `source`: "tiny" (random, deterministic for `seed`) or a local Hugging Face ViT folder."""
 
@@ -78,39 +78,10 @@ class DinoScorer(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.train(False)
 
-    def train(self, mode: bool = True) -> DinoScorer:
-        """Always stays in eval mode: the scorer is a fixed measuring instrument."""
-        return super().train(False)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
     def preprocess(self, images: Tensor) -> Tensor:
-        """DINO's eval transform in torch: bicubic (antialiased) resize of the shorter side to
-        round(256/224 x image_size) (256 for ViT-S/16), centre crop to image_size, ImageNet mean / std.
-        Returns float32 B x 3 x S x S."""
-        if images.dim() == 3:
-            images = images.unsqueeze(0)
-        if images.dim() != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"images must be B x 3 x H x W (or B x 1 x H x W), got {tuple(images.shape)}")
-        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        crop, short = self.image_size, round(self.image_size * RESIZE_RATIO)
-        h, w = x.shape[-2:]
-        if min(h, w) != short:  # torchvision's Resize(int): the longer side int(short * long / shorter)
-            new_h, new_w = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
-            x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
-            x = x.clamp(0.0, 1.0)
-            h, w = new_h, new_w
-        top, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
-        x = x[..., top : top + crop, left : left + crop]
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        """DINO's eval transform: the shorter side resized to round(256/224 x image_size) (256 for ViT-S/16),
+        centre crop to image_size, ImageNet mean / std."""
+        return eval_view(images, round(self.image_size * RESIZE_RATIO), self.image_size, self.mean, self.std)
 
     @torch.no_grad()
     def embed_images(self, images: Tensor) -> Tensor:

@@ -64,11 +64,17 @@ QUIET = (
 RESUME_FREE = (
     "data.init_args.root",
     "data.init_args.num_workers",
+    "data.init_args.pin_memory",
     "data.init_args.eval_batch_size",
     "data.init_args.download",
     "model.init_args.rollout_workers",
     "model.init_args.stream",
 )
+
+
+#: strategies Lightning runs on CUDA GPUs only, and the ones every family runs anywhere (gloo on CPU)
+GPU_STRATEGIES = ("deepspeed", "fsdp")
+PORTABLE_STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true")
 
 
 #: settings that shape training but not the scores of a trained model (free in `test` / `validate`)
@@ -266,7 +272,14 @@ class LifelongCLI(LightningCLI):
         try:
             return super()._instantiate_trainer(config, extra_callbacks)
         except (MisconfigurationException, ValueError, TypeError) as err:  # Lightning checks the trainer's settings
-            raise ConfigError(f"trainer: {' '.join(str(err).split())} (fix the trainer settings)") from None
+            reason = " ".join(str(err).split())
+            strategy = config.get("strategy")
+            if isinstance(strategy, str) and strategy.startswith(GPU_STRATEGIES):
+                raise ConfigError(
+                    f"trainer.strategy {strategy}: {reason} It runs on CUDA GPUs only; here use "
+                    f"{', '.join(PORTABLE_STRATEGIES)} (with trainer.devices > 1 for several processes)"
+                ) from None
+            raise ConfigError(f"trainer: {reason} (fix the trainer settings)") from None
 
 
 #: what a run writes into its log folder before it has produced anything

@@ -151,6 +151,10 @@ class ContinualDataModule(L.LightningDataModule):
     Evaluation datasets yield model-ready inputs. Training datasets may yield raw images instead:
     with a `train_transform`, each training batch is augmented on its device after transfer
     (`x`), and the raw images are kept as `x_raw` for the replay memories (as Mammoth does).
+
+    Loader options: `num_workers` loader processes; `pin_memory` page-locks host batches for faster copies
+    to a GPU (default: on when training on CUDA). Loaders are rebuilt every epoch (the task may change), so
+    persistent workers would not outlive one epoch and are not offered.
     """
 
     #: batch of raw float images in [0, 1] -> augmented model inputs (None: train items are ready)
@@ -165,6 +169,7 @@ class ContinualDataModule(L.LightningDataModule):
         num_workers: int = 0,
         train_on: Literal["current", "seen", "all"] = "current",
         seed: int | None = None,
+        pin_memory: bool | None = None,
     ):
         super().__init__()
         for option, value, least in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1)):
@@ -177,6 +182,7 @@ class ContinualDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
+        self.pin_memory = pin_memory
         self.train_on = train_on
         self.seed = seed
         self.current_task = 0
@@ -208,6 +214,13 @@ class ContinualDataModule(L.LightningDataModule):
         self.current_task = task_id
 
     # -- loaders ------------------------------------------------------------------------------
+    def _pin(self) -> bool:
+        """Page-locked host batches (faster copies to a GPU): `pin_memory`, or by default when training on CUDA."""
+        if self.pin_memory is not None:
+            return self.pin_memory
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
@@ -228,6 +241,7 @@ class ContinualDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
+            pin_memory=self._pin(),
             position=self._train_position,
         )
 
@@ -256,6 +270,7 @@ class ContinualDataModule(L.LightningDataModule):
                     batch_size=self.eval_batch_size,
                     sampler=UnpaddedShardSampler(ds, world, rank),
                     num_workers=self.num_workers,
+                    pin_memory=self._pin(),
                 )
             )
         return loaders

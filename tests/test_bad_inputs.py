@@ -706,6 +706,11 @@ CASES = [
         ("augment_caption", "'prefix', 'insert'"),
     ),
     Case(
+        "DeepSpeed where it cannot run (no CUDA or no deepspeed package)",
+        lambda f: fit_args(ER, f / "run", "-c", config("trainer/deepspeed_zero2.yaml")),
+        ("trainer.strategy deepspeed_stage_2", "CUDA GPUs only", "ddp"),
+    ),
+    Case(
         "unknown zoom-out canvas",
         lambda f: fit_args(R2MOE, f / "run", "--data.init_args.canvas=white"),
         ("canvas", "grey", "black"),

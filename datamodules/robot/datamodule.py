@@ -81,6 +81,7 @@ class RobotDataModule(ContinualDataModule):
         num_workers: int = 0,
         train_on: Literal["current", "seen", "all"] = "current",
         seed: int | None = None,
+        pin_memory: bool | None = None,
         augment: bool = True,
     ):
         for option, value, least in (
@@ -101,6 +102,7 @@ class RobotDataModule(ContinualDataModule):
             num_workers=num_workers,
             train_on=train_on,
             seed=seed,
+            pin_memory=pin_memory,
         )
         self.suite = resolve_suite(suite, tasks)
         kind = self.suite.kind

@@ -126,7 +126,9 @@ def test_ddp_stops_on_a_signal_to_one_rank_without_hanging_and_resumes_bit_equal
 
 
 @pytest.mark.slow
-def test_sigusr1_under_slurm_saves_and_requeues_the_job(tmp_path):
+def test_sigusr1_under_slurm_saves_requeues_and_the_requeued_job_ends_as_an_uninterrupted_run(uninterrupted, tmp_path):
+    """The sbatch files' contract: SIGUSR1 before the time limit saves and requeues; the requeued launch
+    (SLURM_RESTART_COUNT set, so `--ckpt_path last`) resumes in the same task and ends bit-equal."""
     stub = tmp_path / "bin"
     stub.mkdir()
     (stub / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.txt"}\n')
@@ -138,6 +140,18 @@ def test_sigusr1_under_slurm_saves_and_requeues_the_job(tmp_path):
     assert "requeued" in one_error_line(stopped)
     assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]
     assert last_checkpoint(tmp_path / "run")["global_step"] == 100
+    assert last_checkpoint(tmp_path / "run")["continual"]["task"] == 0  # stopped inside the first task
+
+    resume = "${SLURM_RESTART_COUNT:+--ckpt_path last}"
+    for sbatch in sorted((ROOT / "configs" / "slurm").glob("*.sbatch")):
+        assert resume in sbatch.read_text(), f"{sbatch.name} does not resume a requeued job"
+    requeued = {**slurm, "SLURM_RESTART_COUNT": "1"}
+    resumed = lifelong(fit_args(ER, tmp_path / "run", *SHORT) + ["--ckpt_path", "last"], env=requeued)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(uninterrupted, tmp_path / "run")
+    reports = [sorted(root.rglob("continual_metrics.json")) for root in (uninterrupted, tmp_path / "run")]
+    assert all(len(r) == 1 for r in reports), reports
+    assert reports[0][0].read_text() == reports[1][0].read_text()
 
 
 @pytest.mark.slow

@@ -87,3 +87,11 @@ def test_eval_shards_cover_every_item_exactly_once():
     shards = [list(UnpaddedShardSampler(data, num_replicas=3, rank=r)) for r in range(3)]
     assert sorted(sum(shards, [])) == data
     assert [len(UnpaddedShardSampler(data, num_replicas=3, rank=r)) for r in range(3)] == [4, 4, 3]
+
+
+@pytest.mark.parametrize(("pin_memory", "pinned"), [(None, False), (True, True), (False, False)])
+def test_pin_memory_reaches_every_loader(pin_memory, pinned):
+    """`pin_memory` pins train and eval batches; by default only when training on CUDA (never on CPU)."""
+    dm = SplitDigits(num_tasks=5, pin_memory=pin_memory)
+    dm.setup()
+    assert [loader.pin_memory for loader in (dm.train_dataloader(), *dm.eval_dataloaders())] == [pinned] * 6

@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 
 from cli.errors import ConfigError
@@ -54,6 +55,19 @@ class ContinualModule(L.LightningModule):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimizer of the current task updates."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    def require_find_unused_parameters(self, reason: str) -> None:
+        """Under multi-process DDP, refuses a strategy that expects a gradient for every parameter; `reason`
+        says which parameters train (e.g. "DMPEL trains one task's expert and router at a time")."""
+        strategy = self.trainer.strategy
+        if (
+            isinstance(strategy, DDPStrategy)
+            and self.trainer.world_size > 1
+            and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False)
+        ):
+            raise ConfigError(
+                f"trainer.strategy: {reason}, so DDP must skip the others: use ddp_find_unused_parameters_true"
+            )
 
     def build_optimizer(self, params: Any) -> torch.optim.Optimizer:
         """The configured optimizer over `params`; its argument errors (torch checks lr, betas, ...) as one line."""

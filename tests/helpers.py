@@ -66,3 +66,31 @@ class RecordLearningRates(ContinualCallback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == 0:
             self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+class RecordConceptRun(ContinualCallback):
+    """For a text-to-image run: which evaluation prompts this rank generated (task, prompt) and, at the end
+    of fit, the module's delta (tokens, experts, routers and their buffers) on this rank."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.prompts: list[list] = []
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        eval_step = pl_module.eval_step
+
+        def recording(batch, task_id):
+            self.prompts += [[task_id, p] for p in batch["prompt"]]
+            return eval_step(batch, task_id)
+
+        pl_module.eval_step = recording
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        import json
+
+        os.makedirs(self.out_dir, exist_ok=True)
+        rank = trainer.global_rank
+        with open(os.path.join(self.out_dir, f"prompts_rank{rank}.json"), "w") as f:
+            json.dump(self.prompts, f)
+        delta = {k: v.detach().clone() for k, v in pl_module.delta_state_dict().items()}
+        torch.save(delta, os.path.join(self.out_dir, f"delta_rank{rank}.pt"))

@@ -6,6 +6,12 @@ with classifier-free guidance, and the evaluation after each concept: images for
 prompt, scored with CLIP-T (2.5 max(cos, 0) against the prompt without the token) and CLIP-I (mean
 cosine to the concept's real images). Checkpoints and exports hold only the method's delta (what
 `is_delta` names): the frozen base is rebuilt from `pretrained_model_name_or_path`.
+
+Under DDP (`strategy: ddp_find_unused_parameters_true`) each rank trains on its shard of the batch with its
+own noise draws; the gradients of every parameter some concept trains are averaged (see `setup`). The
+evaluation shards the prompts over the ranks (each generated once, seeded by the prompt alone, so an
+image does not depend on the rank) and sums the scores; task-end hooks see the same weights on every rank
+and draw no random numbers, so they agree.
 """
 
 from __future__ import annotations
@@ -91,10 +97,13 @@ class ConceptDiffusionModule(ContinualModule):
         self.strict_loading = False  # checkpoints hold the delta only
 
     def setup(self, stage: str) -> None:
-        if self.trainer.world_size > 1:
-            raise ConfigError(
-                "trainer.devices: the text-to-image methods train on one device for now (R2MoE routes per batch, "
-                "as in the paper); use devices: 1"
+        """Under DDP: every concept's token (and expert) is allocated up front and reaches the wrapper
+        (`ExpertFreezing.setup`); finished and future ones get no gradient, so DDP must look for unused
+        parameters (also the current token's row in a step whose captions on some rank lack the token)."""
+        super().setup(stage)
+        if stage == "fit":
+            self.require_find_unused_parameters(
+                "a text-to-image method trains the current concept's token (and expert) only"
             )
 
     # -- what belongs to whom -----------------------------------------------------------------

@@ -15,6 +15,13 @@ and the delta applies to the conditional half of the CFG batch only (`cfg_delta`
 zero; at inference only: `removed_experts_training` says the same for training and removal) and the
 distillation prompts (each concept's gate prompt, as the released code's task prompt).
 
+Under DDP the training gate is per rank: u is the mean context of the rank's own batch. The spec defines u
+per forward call, and the released code (Lightning DDP, learning rate scaled by the GPU count) would route
+each GPU's batch by its own mean; u is not all-reduced. So W ranks with per-device batch B are not one
+process with batch W*B: they match it only where every rank's batch has the same mean context. Removal,
+the router fold and the distillation memory read the gate prompts alone, so every rank ends a task with the
+same experts and routers.
+
 Storage: a layer keeps the sum of the finished concepts' routers (all that inference needs) and the
 router increment of the concept in training, instead of one full router per concept; `lifelong export`
 writes the inference state only (finished experts without the removed ones, the summed routers, the

@@ -10,8 +10,9 @@ method only through `prepare_step` and `eval_step` (PackNet and TAIL use it to c
 and IsCiL must not).
 
 Shared here as well: the seeds a method derives from the run seed (`task_seed`), end-of-task passes over a
-task's training windows (`task_batches`), the per-episode histories of rollouts (`push_history`) and the
-DDP check of methods that train a subset of their parameters (`require_find_unused_parameters`).
+task's training windows (`task_batches`) and the per-episode histories of rollouts (`push_history`). The DDP
+check of methods that train a subset of their parameters (`require_find_unused_parameters`) is
+`ContinualModule`'s.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -154,19 +154,6 @@ class RobotImitationModule(ContinualModule):
         """Parameters added for task `task_id`: none here - the method trains the weights it has (Sequential,
         ER, EWC, PackNet; their other costs are in `added_memory`). Methods that grow override it."""
         return 0
-
-    def require_find_unused_parameters(self, reason: str) -> None:
-        """Under multi-process DDP, refuses a strategy that expects a gradient for every parameter; `reason`
-        says which parameters train (e.g. "DMPEL trains one task's expert and router at a time")."""
-        strategy = self.trainer.strategy
-        if (
-            isinstance(strategy, DDPStrategy)
-            and self.trainer.world_size > 1
-            and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False)
-        ):
-            raise ConfigError(
-                f"trainer.strategy: {reason}, so DDP must skip the others: use ddp_find_unused_parameters_true"
-            )
 
     # -- passes over a task's training windows ------------------------------------------------------
     def as_model_batch(self, batch: dict[str, Any], augment: bool) -> dict[str, Any]:

@@ -218,8 +218,8 @@ class ContinualDataModule(L.LightningDataModule):
         """Page-locked host batches (faster copies to a GPU): `pin_memory`, or by default when training on CUDA."""
         if self.pin_memory is not None:
             return self.pin_memory
-        trainer = self.trainer
-        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+        device = getattr(getattr(self.trainer, "strategy", None), "root_device", None)
+        return device is not None and device.type == "cuda"
 
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer

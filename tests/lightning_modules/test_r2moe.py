@@ -289,3 +289,8 @@ def test_export_holds_the_inference_state_and_loads_back():
     from_half.load_delta(half)
     close = from_half.generate(["photo of a <new2> cup"], ["photo of a <new2> cup"], seed=0)
     assert (close - images).abs().max() < 2e-2 and not torch.equal(close, images)
+
+
+def test_the_unet_attends_with_pytorch_sdpa(model):
+    """The expert wrappers replace K/V projections, not attention: every processor stays diffusers' SDPA one."""
+    assert {type(p).__name__ for p in model.parts.unet.attn_processors.values()} == {"AttnProcessor2_0"}

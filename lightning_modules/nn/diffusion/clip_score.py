@@ -105,6 +105,13 @@ class FrozenScorer(nn.Module):
     """A metric's image (and text) encoder `self.model`: frozen and always in eval mode (dropout off), a
     fixed measuring instrument."""
 
+    def hold(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        """Keeps `model` frozen, in eval mode, with the mean / std its input images are normalised by."""
+        self.model = model.requires_grad_(False)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.train(False)
+
     def train(self, mode: bool = True) -> FrozenScorer:
         return super().train(False)
 
@@ -152,11 +159,7 @@ class ClipScorer(FrozenScorer):
             raise ConfigError(f"clip_model={source!r} does not exist: {_SOURCES}")
         else:
             raise ConfigError(f"clip_model={source!r} is neither a CLIP folder nor a checkpoint file: {_SOURCES}")
-        self.model = model
-        self.model.requires_grad_(False)
-        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
-        self.train(False)
+        self.hold(model, CLIP_MEAN, CLIP_STD)
 
     def preprocess(self, images: Tensor) -> Tensor:
         """CLIP's eval transform: the shorter side resized to `image_size`, centre crop, CLIP's mean / std."""

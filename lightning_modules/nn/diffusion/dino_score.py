@@ -72,11 +72,7 @@ class DinoScorer(FrozenScorer):
             raise ConfigError(f"model.dino_model: {source!r} is not a folder with a config.json; {_SOURCES}")
         size = model.config.image_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
-        self.model = model
-        self.model.requires_grad_(False)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.train(False)
+        self.hold(model, IMAGENET_MEAN, IMAGENET_STD)
 
     def preprocess(self, images: Tensor) -> Tensor:
         """DINO's eval transform: the shorter side resized to round(256/224 x image_size) (256 for ViT-S/16),

@@ -77,25 +77,27 @@ def same_metrics_on_every_rank(
     return {name: metrics[name] if name in metrics else PerTaskMean(num_tasks).to(device) for name in names}
 
 
-def summarize(matrix: Matrix, untrained: list[float] | None = None) -> dict[str, float | None]:
+def summarize(matrix: Matrix, untrained: list[float] | None = None, seen_all: bool = False) -> dict[str, float | None]:
     """The standard summaries of a (possibly partly filled) matrix; the last filled row counts as final.
 
-    average_accuracy: mean_j R[L][j] over tasks seen (L = last trained task).
+    average_accuracy: mean_j R[L][j] over tasks seen (L = last trained task; with `seen_all`, multitask
+    training on every task's data from the start (`train_on: all`), every task counts as seen).
     average_incremental_accuracy: mean over i <= L of mean_{j<=i} R[i][j] (Rebuffi et al.).
     forgetting: mean over j < L of max_{j<=i<=L} R[i][j] - R[L][j] (Chaudhry et al.; Mammoth).
     bwt: mean over j < L of R[L][j] - R[j][j]; fwt: mean over 1 <= i <= L of R[i-1][i] - b_i, with b_i
     the untrained model's score on task i (Lopez-Paz & Ranzato). (`ContinualMetrics` with learning curves
     reports LIBERO's fwt instead, see `libero_summary`.)
     """
-    done = [i for i, row in enumerate(matrix) if row and all(v is not None for v in row[: i + 1])]
+    seen = (lambda i: len(matrix[i])) if seen_all else (lambda i: i + 1)  # noqa: E731
+    done = [i for i, row in enumerate(matrix) if row and all(v is not None for v in row[: seen(i)])]
     empty = dict.fromkeys(("average_accuracy", "average_incremental_accuracy", "forgetting", "bwt", "fwt"))
     if not done:
         return empty
     last = done[-1]
     R = matrix
     out = dict(empty)
-    out["average_accuracy"] = mean(R[last][j] for j in range(last + 1))
-    out["average_incremental_accuracy"] = mean(mean(R[i][j] for j in range(i + 1)) for i in done)
+    out["average_accuracy"] = mean(R[last][j] for j in range(seen(last)))
+    out["average_incremental_accuracy"] = mean(mean(R[i][j] for j in range(seen(i))) for i in done)
     if last > 0:
         out["forgetting"] = mean(max(R[i][j] for i in range(j, last + 1)) - R[last][j] for j in range(last))
         out["bwt"] = mean(R[last][j] - R[j][j] for j in range(last))
@@ -189,6 +191,8 @@ class ContinualMetrics(ContinualCallback):
         #: the current task's best curve point: {"task", "epoch", "score", "state": {name: CPU tensor}}
         self.best: dict[str, Any] | None = None
         self._stage_metrics: dict[str, PerTaskMean] = {}
+        #: the datamodule trains on every task's data from the start (`train_on: all`): all tasks count as seen
+        self.trained_on_all = False
 
     # -- fit: evaluate at task boundaries -----------------------------------------------------
     def on_task_start(self, trainer: L.Trainer, pl_module: L.LightningModule, task_id: int) -> None:
@@ -197,6 +201,7 @@ class ContinualMetrics(ContinualCallback):
             self.untrained = self.evaluate(trainer, pl_module)
 
     def on_task_end(self, trainer: L.Trainer, pl_module: L.LightningModule, task_id: int) -> None:
+        self.trained_on_all = getattr(trainer.datamodule, "train_on", "current") == "all"
         scores = self.evaluate(trainer, pl_module)
         n = len(self.task_names)
         for name, row in scores.items():
@@ -299,7 +304,7 @@ class ContinualMetrics(ContinualCallback):
     def summary(self, name: str) -> dict[str, float | None]:
         """`summarize` of metric `name`; for the primary metric with curves, `fwt` is LIBERO's, plus `nbt`, `auc`."""
         mat = self.matrix[name]
-        out = summarize(mat, self.untrained.get(name))
+        out = summarize(mat, self.untrained.get(name), self.trained_on_all)
         if self._libero and name == next(iter(self.matrix)):
             out.update(libero_summary(mat, self.curves))
         return out

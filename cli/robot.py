@@ -1,6 +1,6 @@
 """The robot subcommand: demonstrations from Meta-World's scripted experts, one LIBERO-like HDF5 per task.
 
-    lifelong make-demos --suite cw10 --demos 50 --out DIR [--noise 0.1] [--horizon 200] [--image_size 0]
+    lifelong make-demos --suite cw10 --demos 50 --out DIR [--noise 0.1] [--horizon 150] [--image_size 0]
     lifelong make-demos --tasks reach-v3 --tasks push-v3 --out DIR
 
 Files are `DIR/<env name>.hdf5` (the layout `datamodules.robot.demos` describes); a task whose file is
@@ -29,7 +29,12 @@ def _parser():
         exit_on_error=False,
     )
     parser.add_argument("--suite", type=str | None, default=None, help=f"one of {', '.join(SUITE_NAMES[:3])}")
-    parser.add_argument("--tasks", type=list[str] | None, default=None, help="Meta-World env names instead of a suite")
+    parser.add_argument(
+        "--tasks",
+        action="append",
+        default=None,
+        help="a Meta-World env name instead of a suite (repeat for several, or give a list: '[reach-v3, push-v3]')",
+    )
     parser.add_argument("--out", type=str, required=True, help="folder the files go to")
     parser.add_argument("--demos", type=int, default=d.demos, help="successful episodes kept per task")
     parser.add_argument("--horizon", type=int, default=d.horizon, help="most steps per episode")
@@ -49,6 +54,19 @@ def _parser():
     return parser
 
 
+def _task_names(given: list[str] | None) -> list[str] | None:
+    """`--tasks a --tasks b` or `--tasks '[a, b]'` (or both) as one list of env names."""
+    if given is None:
+        return None
+    import yaml
+
+    names: list[str] = []
+    for item in given:
+        value = yaml.safe_load(item) if item.strip().startswith("[") else item
+        names += [str(v) for v in value] if isinstance(value, list) else [str(value)]
+    return names
+
+
 def make_demos(argv: list[str]) -> None:
     """`lifelong make-demos`: writes the missing demo files of a suite; one line and exit 2 on bad input."""
     from datamodules.robot.demos import DemoSettings, make_suite_demos
@@ -56,7 +74,7 @@ def make_demos(argv: list[str]) -> None:
 
     try:
         cfg = parse_args(_parser(), argv)
-        suite = resolve_suite(cfg.suite, cfg.tasks, options=("--suite", "--tasks"))
+        suite = resolve_suite(cfg.suite, _task_names(cfg.tasks), options=("--suite", "--tasks"))
         settings = DemoSettings(
             demos=cfg.demos,
             horizon=cfg.horizon,

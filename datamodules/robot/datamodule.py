@@ -31,7 +31,7 @@ from datamodules.robot.stream import EnvSpec, RobotTaskStream, is_image_key
 from datamodules.robot.suites import CAMERA_KEYS, LOWDIM_KEYS, resolve_suite
 
 #: per-suite defaults: steps per evaluation episode (and most steps per demonstration), settling steps
-HORIZON = {"metaworld": 200, "libero": 600}
+HORIZON = {"metaworld": 150, "libero": 600}  # Meta-World: the scripted experts need ~100 steps
 SETTLE_STEPS = {"metaworld": 0, "libero": 5}
 
 
@@ -52,7 +52,8 @@ class RobotDataModule(ContinualDataModule):
         when image_size > 0).
     image_size: camera height = width (0: state only; Meta-World cameras need an OpenGL backend).
     eval_episodes: rollouts per task at each evaluation.
-    horizon: policy steps per episode (default 200 Meta-World, 600 LIBERO); also bounds the demos' length.
+    horizon: policy steps per episode (default 150 Meta-World, as every CW config and `make-demos`; 600 LIBERO);
+        also bounds the demos' length.
     settle_steps: zero actions after each reset before the policy acts (default 0 Meta-World, 5 LIBERO).
     eval_seed: seed of the evaluation episodes' initial states (the demonstrations use demo_seed).
     demo_noise, demo_seed, demo_extra_steps: how Meta-World demos are made (see datamodules.robot.demos).

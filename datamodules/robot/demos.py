@@ -45,7 +45,7 @@ class DemoSettings:
     interchangeable: episodes are deterministic, so the first n demos of a larger file are the n demos."""
 
     demos: int = 50
-    horizon: int = 200
+    horizon: int = 150  # the Meta-World default of RobotDataModule: its cache is what make-demos writes
     noise: float = 0.0
     seed: int = 0
     extra_steps: int = 5

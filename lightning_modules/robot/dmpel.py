@@ -86,6 +86,10 @@ class DMPEL(RobotImitationModule):
     coefficient_dropout: dropout on the coefficients in training (0.15).
     expert_init: "ortho" (later experts orthogonal to earlier ones, unit norm) or "kaiming".
     router_lr_scale: the router's learning rate relative to the optimizer's (1.0).
+    router_init: each new router's initial coefficients: "released" (every expert near 1/k, the released
+        code) or "favour_new" (the new expert near 1.0, old ones near 0.05: old experts, frozen and near 1/k,
+        otherwise keep pulling a new task's actions their way). At each task's end the mean coefficient of
+        every expert on the task's windows is logged (`task/coefficient/expert_j`) to show such interference.
     replay_epochs / replay_batch_size / replay_lr / replay_weight_decay / replay_grad_clip: the coefficient
         replay's fit of the router (10 / 32 / AdamW's defaults 1e-3, 0.01 / 100).
     replay_sample_ratio: share of a task's training windows stored for replay (1.0).
@@ -104,6 +108,7 @@ class DMPEL(RobotImitationModule):
         coefficient_dropout: float = 0.15,
         expert_init: Literal["ortho", "kaiming"] = "ortho",
         router_lr_scale: float = 1.0,
+        router_init: Literal["released", "favour_new"] = "released",
         replay_epochs: int = 10,
         replay_batch_size: int = 32,
         replay_lr: float = 1e-3,
@@ -138,7 +143,10 @@ class DMPEL(RobotImitationModule):
         g = len(self.library.groups)
         # Router t routes over experts 0..t; each starts from its own random initialisation.
         self.routers = nn.ModuleList(
-            [CoefficientRouter(self.query_dim, g, t + 1, top_k, router_hidden) for t in range(self.num_tasks)]
+            [
+                CoefficientRouter(self.query_dim, g, t + 1, top_k, router_hidden, router_init)
+                for t in range(self.num_tasks)
+            ]
         )
         self.memory = CoefficientMemory()
         self.register_buffer("expert_ready", torch.zeros(self.num_tasks, dtype=torch.bool))
@@ -192,9 +200,18 @@ class DMPEL(RobotImitationModule):
 
     def on_task_end(self, task_id: int) -> None:
         """Records task t's coefficients on all its training windows, then (t > 0) replays them into router t."""
-        self.record_coefficients(task_id)
+        _, coefficients = self.record_coefficients(task_id)
+        self.log_expert_use(task_id, coefficients)
         if task_id > 0:
             self.replay_router(task_id)
+
+    def log_expert_use(self, task_id: int, coefficients: Tensor) -> list[float]:
+        """Mean coefficient of each expert 0..t on task t's windows (over windows and groups; 0 where not in
+        the top k), logged as task/coefficient/expert_j: an old expert far from 0 is interfering."""
+        means = coefficients.float().mean(dim=(0, 1)).tolist()
+        if self._trainer is not None and self.logger is not None:
+            self.logger.log_metrics({f"task/coefficient/expert_{j}": m for j, m in enumerate(means)}, task_id)
+        return means
 
     # -- routing ------------------------------------------------------------------------------
     def query(self, obs: dict[str, Tensor], lang: Tensor) -> Tensor:

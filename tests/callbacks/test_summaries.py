@@ -81,3 +81,14 @@ def test_one_task_scores_tables_and_heatmap():
     assert ["run", "│", "75.00", "│", "75.00", "│", "-", "│", "-", "│", "-"] in lines
     figure = heatmap([[75.0]], "accuracy")
     assert [t.get_text() for t in figure.axes[0].texts] == ["75"]
+
+
+def test_multitask_training_counts_every_task_as_seen():
+    """`train_on: all` (a policy's pretraining, stopped after one span): every task was trained from the
+    start, so the average is over the whole row, not only over task 0."""
+    partial = [[0.0, 40.0, 60.0], [None, None, None], [None, None, None]]
+    assert summarize(partial)["average_accuracy"] == 0.0  # the incremental reading: task 0 alone
+    s = summarize(partial, seen_all=True)
+    assert s["average_accuracy"] == pytest.approx((0 + 40 + 60) / 3)
+    assert s["average_incremental_accuracy"] == pytest.approx((0 + 40 + 60) / 3)
+    assert summarize(R, seen_all=True)["average_incremental_accuracy"] == pytest.approx((40 + 60 + 73.333333) / 3)

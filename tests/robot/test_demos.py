@@ -98,6 +98,8 @@ def test_errors_are_one_line(tmp_path, capsys):
         (["--tasks", "[nope-v3]"], "--tasks: 'nope-v3' is not a Meta-World v3 task"),
         (["--suite", "libero_goal"], "LIBERO demonstrations are human recordings"),
         (["--tasks", "[reach]"], "did you mean reach-v3?"),
+        (["--tasks", "reach"], "did you mean reach-v3?"),  # one name, no list brackets
+        (["--tasks", "reach-v3", "--tasks", "nope-v3"], "--tasks: 'nope-v3' is not a Meta-World v3 task"),
         (["--suite", "cw3", "--horizon", "3"], "the scripted expert solved 0 of 4 episodes"),
     ):
         with pytest.raises(SystemExit) as stop:
@@ -149,3 +151,11 @@ def test_make_demos_replaces_only_its_own_stale_files_and_only_when_asked(tmp_pa
     with pytest.raises(SystemExit):
         make(1)
     assert "exists and is not a regular file" in capsys.readouterr().err and os.listdir(path) == []
+
+
+def test_one_task_without_list_brackets(tmp_path, capsys):
+    """`--tasks NAME` (repeatable) works as `--tasks '[NAME]'`."""
+    main(
+        ["make-demos", "--tasks", TASK, "--demos", "1", "--horizon", "120", "--out", str(tmp_path), "--progress=false"]
+    )
+    assert (tmp_path / f"{TASK}.hdf5").is_file()

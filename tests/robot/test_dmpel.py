@@ -193,6 +193,44 @@ def test_router_sparsity_range_and_initial_coefficients():
         assert torch.allclose(r.dense(q).sum(-1), torch.ones(64, 2), atol=1e-6)
 
 
+def test_favour_new_starts_the_new_expert_near_one_and_old_ones_near_zero():
+    q = torch.randn(64, 10) * 3
+    router = CoefficientRouter(10, groups=3, experts=5, top_k=3, hidden=16, init="favour_new")
+    with torch.no_grad():
+        router.out.weight.zero_()  # the bias alone: exactly the chosen starting coefficients
+    raw = router(q)
+    torch.testing.assert_close(raw[..., -1], torch.ones(64, 3))
+    torch.testing.assert_close(raw[..., :-1], torch.full((64, 3, 4), 0.05))
+    assert bool((router.dense(q)[..., -1] == raw[..., -1]).all())  # the new expert is always kept
+    with pytest.raises(ConfigError, match="model.router_init"):
+        CoefficientRouter(10, 3, 5, init="uniform")
+
+
+@pytest.mark.parametrize("router_init", ["released", "favour_new"])
+def test_a_new_tasks_router_starts_as_chosen_and_its_expert_learns_from_the_first_step(router_init):
+    m = make_module(num_tasks=2, router_init=router_init)
+    m.on_task_start(0)
+    m.on_task_start(1)
+    router = m.routers[1]
+    with torch.no_grad():
+        router.out.weight.zero_()
+    batch = batch_of(Windows(1))
+    coefficients = router(m.query(batch["obs"], m.lang(batch["task"])))
+    old, new = (0.5, 0.5) if router_init == "released" else (0.05, 1.0)  # k = 2 experts: 1/k each
+    torch.testing.assert_close(coefficients[..., 0], torch.full_like(coefficients[..., 0], old))
+    torch.testing.assert_close(coefficients[..., 1], torch.full_like(coefficients[..., 1], new))
+    m.bc_loss(batch).backward()
+    grads = [p.grad for p in m.library.expert_parameters(1)]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)  # expert 1 moves at its first step
+    assert all(p.grad is None for p in m.library.expert_parameters(0))  # expert 0 is frozen
+
+
+def test_expert_use_is_the_mean_coefficient_of_each_expert():
+    m = make_module(num_tasks=2)
+    coefficients = torch.tensor([[[0.2, 1.0], [0.0, 0.6]], [[0.4, 0.8], [0.2, 0.0]]])  # (windows, groups, experts)
+    assert m.log_expert_use(1, coefficients) == pytest.approx([0.2, 0.6])
+
+
 # -- the module ---------------------------------------------------------------------------------
 def test_pool_growth_and_what_trains_per_task():
     m = make_module(num_tasks=3)

@@ -117,7 +117,7 @@ def test_default_cache_folder(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     dm = RobotDataModule(suite="cw3", demos=7, demo_noise=0.1)
     assert default_cache() == tmp_path / "lifelong" / "metaworld"
-    assert dm.root == default_cache() / "seed0_h200_noise0.1_extra5_img0"
+    assert dm.root == default_cache() / "seed0_h150_noise0.1_extra5_img0"
     assert dm.demo_file(0) == dm.root / "window-close-v3.hdf5"
 
 

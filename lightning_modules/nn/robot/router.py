@@ -2,8 +2,10 @@
 
 query -> Linear(256) -> GELU(tanh) -> Linear(256) -> GELU(tanh) -> Linear(G*K) -> 2*sigmoid, viewed as
 (G groups, K experts), group-major. In each group only the top k = min(top_k, K) coefficients are kept
-(not renormalised); the others count as 0. The last layer's bias starts at logit(0.5 / k), so every
-coefficient starts near 1/k and the k kept ones sum to about 1.
+(not renormalised); the others count as 0. Initial coefficients, set through the last layer's bias:
+`released` starts every expert near 1/k (bias logit(0.5 / k)), so the k kept ones sum to about 1;
+`favour_new` starts the new (last) expert near 1.0 and the old ones near 0.05, so a new task's router does
+not begin by mixing in experts of other tasks (which, frozen and never turned off, can dominate it).
 """
 
 from __future__ import annotations
@@ -17,20 +19,39 @@ from torch import Tensor, nn
 from cli.errors import ConfigError
 from lightning_modules.nn.robot.experts import ExpertLibrary
 
+#: how a router's initial coefficients are set; `favour_new`: (each old expert, the new one)
+ROUTER_INITS = ("released", "favour_new")
+FAVOUR_NEW = (0.05, 1.0)
+
+
+def _logit(p: float) -> float:
+    return math.log(p) - math.log1p(-p)
+
 
 class CoefficientRouter(nn.Module):
-    """Args: query_dim; groups G; experts K (the pool size it routes over); top_k; hidden width."""
+    """Args: query_dim; groups G; experts K (the pool size it routes over; the last is the new task's);
+    top_k; hidden width; init: the initial coefficients, `released` or `favour_new` (module docstring)."""
 
-    def __init__(self, query_dim: int, groups: int, experts: int, top_k: int = 3, hidden: int = 256):
+    def __init__(
+        self, query_dim: int, groups: int, experts: int, top_k: int = 3, hidden: int = 256, init: str = "released"
+    ):
         super().__init__()
         if top_k < 1:
             raise ConfigError(f"model.top_k must be at least 1, got {top_k}")
+        if init not in ROUTER_INITS:
+            raise ConfigError(f"model.router_init: {init!r} is not one of {', '.join(ROUTER_INITS)}")
         self.groups, self.experts, self.k = groups, experts, min(top_k, experts)
         self.fc1 = nn.Linear(query_dim, hidden)
         self.fc2 = nn.Linear(hidden, hidden)
         self.out = nn.Linear(hidden, groups * experts)
-        with torch.no_grad():
-            self.out.bias.fill_(math.log(0.5 / self.k) - math.log1p(-0.5 / self.k))  # logit(0.5 / k)
+        with torch.no_grad():  # a coefficient is 2 sigmoid(logit): bias logit(c / 2) starts it near c
+            if init == "released":
+                self.out.bias.fill_(_logit(0.5 / self.k))
+            else:
+                old, new = FAVOUR_NEW
+                bias = self.out.bias.view(groups, experts)
+                bias[:, :-1] = _logit(old / 2)
+                bias[:, -1] = _logit(new / 2)
 
     def forward(self, query: Tensor) -> Tensor:
         """(B, G, K) coefficients in (0, 2), before top-k selection; always in float32 (also under autocast)."""

@@ -726,6 +726,21 @@ CASES = [
         ("removed_experts_training", "masked", "faithful"),
     ),
     Case(
+        "unknown CFG half for R2MoE's delta",
+        lambda f: fit_args(R2MOE, f / "run", "--model.init_args.cfg_delta=unconditional"),
+        ("cfg_delta", "conditional", "both"),
+    ),
+    Case(
+        "unknown DMPEL router init",
+        lambda f: fit_args("robot/dmpel_cw3.yaml", f / "run", "--model.init_args.router_init=uniform"),
+        ("router_init", "released", "favour_new"),
+    ),
+    Case(
+        "export in an unknown format",
+        lambda f: ["export", "-c", config(R2MOE), "--ckpt_path", str(f / "last.ckpt"), "--out", "d", "--format=onnx"],
+        ("--format", "delta", "diffusers"),
+    ),
+    Case(
         "unknown loss reduction",
         lambda f: fit_args(R2MOE, f / "run", "--model.init_args.loss_reduction=sum"),
         ("loss_reduction", "channel_sum", "mean"),

@@ -126,10 +126,9 @@ class ConceptDiffusionModule(ContinualModule):
 
     def export_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
         """What `lifelong export` writes: the delta inference needs, floating tensors cast to `dtype`."""
-        return {
-            k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().cpu()
-            for k, v in self.delta_state_dict().items()
-        }
+        from lightning_modules.nn.diffusion.diffusers_export import cast
+
+        return cast(self.delta_state_dict(), dtype)
 
     def save_diffusers(self, folder: str, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
         """Writes into `folder` what a stock diffusers `StableDiffusionPipeline` loads (`lifelong export --format

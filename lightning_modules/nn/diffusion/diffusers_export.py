@@ -22,7 +22,8 @@ MANIFEST = "export.json"
 
 
 def cast(state: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
-    return {k: v.detach().to(dtype).contiguous().cpu() for k, v in state.items()}
+    """Detached contiguous CPU copies for a file, floating tensors as `dtype` (flags and counts keep theirs)."""
+    return {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().cpu() for k, v in state.items()}
 
 
 def save_token(folder: str, concept: str, token: str, row: Tensor, dtype: torch.dtype) -> str:

@@ -373,6 +373,7 @@ EXTRA_COMMANDS = {
     "export": "cli.diffusion:export",
     "make-reg": "cli.diffusion:make_reg",
     "make-demos": "cli.robot:make_demos",
+    "pretrain-bases": "cli.bases:pretrain_bases",
 }
 
 

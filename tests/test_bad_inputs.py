@@ -776,6 +776,32 @@ CASES = [
         lambda f: ["make-demos", "--tasks=[nope-v3]", "--out", str(f / "demos")],
         ("--tasks", "'nope-v3'"),
     ),
+    # -- the small pretrained bases -------------------------------------------------------------------------
+    Case(
+        "pretrain-bases into a folder that cannot be made",
+        lambda f: ["pretrain-bases", "--cache", str(f / "a_file" / "cache"), "--models", "[digit-classifier]"],
+        ("a_file/cache", "not writable", "LIFELONG_CACHE"),
+        write("a_file", ""),
+    ),
+    Case(
+        "pretrain-bases of an unknown model",
+        lambda f: ["pretrain-bases", "--cache", str(f / "cache"), "--models", "[unet]"],
+        ("--models", "unet", "digit-classifier"),
+    ),
+    Case(
+        "pretrain-bases with a zero scale",
+        lambda f: ["pretrain-bases", "--cache", str(f / "cache"), "--scale", "0"],
+        ("--scale", "(0, 1]"),
+    ),
+    Case(
+        "a cached base that does not load",
+        lambda f: ["pretrain-bases", "--cache", str(f / "cache"), "--models", "[clip]"],
+        ("bases-v1-seed0/clip", "does not load", "delete that folder", "pretrain-bases"),
+        lambda f, t: (
+            write("cache/bases-v1-seed0/clip/lifelong_base.json", "{}")(f, t),
+            write("cache/bases-v1-seed0/clip/config.json", "not json")(f, t),
+        ),
+    ),
 ]
 
 

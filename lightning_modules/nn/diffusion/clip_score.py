@@ -23,7 +23,7 @@ CLIPSCORE_WEIGHT = 2.5
 CONTEXT_LENGTH = 77
 OPEN_CLIP_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 _SOURCES = (
-    "pass 'tiny', a local Hugging Face CLIP folder (config.json + weights, e.g. a saved "
+    "pass 'tiny', 'tiny-pretrained', a local Hugging Face CLIP folder (config.json + weights, e.g. a saved "
     "openai/clip-vit-base-patch32) or a local open_clip checkpoint file (.pt/.bin/.safetensors) with arch"
 )
 
@@ -127,7 +127,8 @@ class FrozenScorer(nn.Module):
 class ClipScorer(FrozenScorer):
     """A frozen CLIP that embeds images (B x 3 x H x W, float in [0, 1] or uint8) and texts, L2-normalised.
 
-    `source`: "tiny" (random, deterministic for `seed`), a local Hugging Face CLIP folder, or a local open_clip
+    `source`: "tiny" (random, deterministic for `seed`), "tiny-pretrained" (the small CLIP trained on the
+    embedded data, built into the cache on first use), a local Hugging Face CLIP folder, or a local open_clip
     checkpoint file together with `arch` (e.g. "ViT-B-32").
     """
 
@@ -135,7 +136,14 @@ class ClipScorer(FrozenScorer):
         super().__init__()
         self.source = source
         self.arch = arch
-        if source == TINY:
+        from lightning_modules.nn.bases import cache
+
+        if source == cache.PRESET:
+            path = cache.ensure("clip")
+            model, self.tokenizer = cache.checked(path, cache.load_clip_folder)
+            self.backend = "hf"
+            self.image_size = int(model.config.vision_config.image_size)
+        elif source == TINY:
             from transformers import CLIPModel
 
             from lightning_modules.nn.diffusion.tokenizer import clip_tokenizer

@@ -119,9 +119,15 @@ def tiny_stable_diffusion(seed: int = 0) -> StableDiffusionParts:
 
 
 def load_stable_diffusion(pretrained_model_name_or_path: str, seed: int = 0) -> StableDiffusionParts:
-    """`tiny`, or a local diffusers folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/); never downloads."""
+    """`tiny`, `tiny-pretrained` (the small base trained on the embedded data, built into the cache on first
+    use) or a local diffusers folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/); never downloads."""
     if pretrained_model_name_or_path == TINY:
         return tiny_stable_diffusion(seed)
+    from lightning_modules.nn.bases import cache
+
+    if pretrained_model_name_or_path == cache.PRESET:
+        path = cache.ensure("text-to-image")
+        return cache.checked(path, lambda p: load_stable_diffusion(str(p)))
     path = pretrained_model_name_or_path
     missing = [s + "/" for s in SUBFOLDERS if not os.path.isdir(os.path.join(path, s))]
     if missing:
@@ -141,22 +147,32 @@ def load_stable_diffusion(pretrained_model_name_or_path: str, seed: int = 0) -> 
     )
 
 
-def save_tiny(path: str, seed: int = 0) -> str:
-    """Writes the tiny preset as a diffusers folder (what a saved SD checkpoint looks like on disk), with the
-    `model_index.json` that lets a stock `StableDiffusionPipeline.from_pretrained` load it."""
+def write_model_index(path, pipeline_class: str, parts: dict, extra: dict | None = None) -> None:
+    """Writes the `model_index.json` a stock diffusers pipeline reads from a saved folder: (library, class)
+    per component, as diffusers' own `save_pretrained` writes it, plus the pipeline's config `extra`."""
     import json
 
     from diffusers import __version__
 
+    index = {"_class_name": pipeline_class, "_diffusers_version": __version__}
+    for name, part in parts.items():
+        index[name] = [type(part).__module__.split(".")[0], type(part).__name__]
+    if pipeline_class == "StableDiffusionPipeline":
+        index |= {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+    else:
+        index |= {"image_encoder": [None, None], "feature_extractor": [None, None]}
+    index |= extra or {}
+    with open(os.path.join(path, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=2, sort_keys=True)
+
+
+def save_tiny(path: str, seed: int = 0) -> str:
+    """Writes the tiny preset as a diffusers folder (what a saved SD checkpoint looks like on disk), with the
+    `model_index.json` that lets a stock `StableDiffusionPipeline.from_pretrained` load it."""
     parts = tiny_stable_diffusion(seed)
     for name in ("unet", "vae", "text_encoder", "tokenizer"):
         getattr(parts, name).save_pretrained(os.path.join(path, name))
     parts.noise_scheduler.save_pretrained(os.path.join(path, "scheduler"))
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": __version__}
-    for name in SUBFOLDERS:  # (library, class) per component, as diffusers' pipelines write it
-        part = getattr(parts, "noise_scheduler" if name == "scheduler" else name)
-        index[name] = [type(part).__module__.split(".")[0], type(part).__name__]
-    index |= {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
-    with open(os.path.join(path, "model_index.json"), "w") as f:
-        json.dump(index, f, indent=2, sort_keys=True)
+    named = {name: getattr(parts, "noise_scheduler" if name == "scheduler" else name) for name in SUBFOLDERS}
+    write_model_index(path, "StableDiffusionPipeline", named)
     return path

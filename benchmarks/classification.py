@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import tempfile
-import time
+import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import ROOT, fit_run, fmt  # noqa: E402
+
 METHODS = ["joint", "derpp", "der", "er", "icarl", "lwf", "ewc", "finetune", "lmsrr"]
 NAMES = {
     "joint": "Joint",
@@ -40,33 +41,10 @@ COLUMNS = [
 
 
 def run(method: str, seed: int) -> dict:
-    from cli.main import QUIET, LifelongCLI
-
-    with tempfile.TemporaryDirectory() as root:
-        start = time.perf_counter()
-        cli = LifelongCLI(
-            args=[
-                "fit",
-                "-c",
-                str(ROOT / "configs/trainer/cpu.yaml"),
-                "-c",
-                str(ROOT / f"configs/classification/{method}_splitdigits.yaml"),
-                f"--seed_everything={seed}",
-                *QUIET,
-                f"--trainer.default_root_dir={root}",
-            ]
-        )
-        wall = time.perf_counter() - start
-        with open(os.path.join(cli.trainer.log_dir, "continual_metrics.json")) as f:
-            report = json.load(f)
+    _, report, wall, _ = fit_run(ROOT / f"configs/classification/{method}_splitdigits.yaml", seed)
     row = {label: report["metrics"][metric]["summary"][key] for label, metric, key in COLUMNS}
     row["wall time (s)"] = wall
     return row
-
-
-def fmt(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {sd:.2f}"
 
 
 def main() -> None:

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import ROOT, fit_run, fmt, run_jobs  # noqa: E402
+
 METHODS = ["r2moe", "custom_diffusion", "sequential_lora"]
 NAMES = {"r2moe": "R2MoE", "custom_diffusion": "Custom Diffusion", "sequential_lora": "Sequential LoRA"}
 OUT = ROOT / "benchmarks/out/concepts"
@@ -55,38 +53,15 @@ def run_one(method: str, seed: int, out: str) -> None:
 
     torch.set_num_threads(1)
     from cli.diffusion import write_export
-    from cli.main import QUIET, LifelongCLI
 
-    with tempfile.TemporaryDirectory() as root:
-        start = time.perf_counter()
-        cli = LifelongCLI(
-            args=[
-                "fit",
-                "-c",
-                str(ROOT / "configs/trainer/cpu.yaml"),
-                "-c",
-                str(config(method)),
-                f"--seed_everything={seed}",
-                *QUIET,
-                f"--trainer.default_root_dir={root}",
-            ]
-        )
-        wall = time.perf_counter() - start
-        with open(os.path.join(cli.trainer.log_dir, "continual_metrics.json")) as f:
-            report = json.load(f)
-        export = Path(root) / "export.safetensors"
-        write_export(cli.model, str(export), "float32")
-        size = export.stat().st_size
+    def export_size(cli, root: str) -> int:
+        path = Path(root) / "export.safetensors"
+        write_export(cli.model, str(path), "float32")
+        return path.stat().st_size
+
+    _, report, wall, size = fit_run(config(method), seed, export_size)
     row = {"metrics": report["metrics"], "tasks": report["tasks"], "export_bytes": size, "wall_s": wall}
     Path(out).write_text(json.dumps(row, indent=2))
-
-
-def fmt(values: list[float | None], digits: int = 2) -> str:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return "-"
-    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return f"{statistics.mean(vals):.{digits}f} ± {sd:.{digits}f}"
 
 
 def mean_matrix(rows: list[dict], metric: str) -> list[list[float | None]]:
@@ -115,21 +90,8 @@ def main() -> None:
 
         ensure("text-to-image")
         ensure("clip")
-    OUT.mkdir(parents=True, exist_ok=True)
     todo = [] if opts.report else [(m, s) for m in opts.methods for s in opts.seeds]
-    running: list[tuple[subprocess.Popen, str, int]] = []
-    for method, seed in todo:
-        while len(running) >= opts.jobs:
-            running = [r for r in running if r[0].poll() is None]
-            time.sleep(1)
-        out = str(OUT / f"{method}_seed{seed}.json")
-        cmd = [sys.executable, __file__, "--one", method, str(seed), out]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        running.append((subprocess.Popen(cmd, env=env, cwd=ROOT), method, seed))
-        print(f"started {method} seed {seed}", flush=True)
-    failed = [(m, s) for p, m, s in running if p.wait() != 0]
-    if failed:
-        raise SystemExit(f"runs failed: {failed}")
+    run_jobs(__file__, todo, OUT, opts.jobs)
 
     done = [m for m in METHODS if all((OUT / f"{m}_seed{s}.json").exists() for s in opts.seeds)]
     runs = {m: [json.loads((OUT / f"{m}_seed{s}.json").read_text()) for s in opts.seeds] for m in done}

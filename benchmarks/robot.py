@@ -15,13 +15,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import ROOT, fit_run, fmt, run_jobs  # noqa: E402
+
 METHODS = ["sequential", "er", "ewc", "packnet", "tail", "dmpel"]
 NAMES = {
     "sequential": "Sequential",
@@ -47,25 +47,7 @@ def run_one(method: str, seed: int, out: str) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from cli.main import QUIET, LifelongCLI
-
-    with tempfile.TemporaryDirectory() as root:
-        start = time.perf_counter()
-        cli = LifelongCLI(
-            args=[
-                "fit",
-                "-c",
-                str(ROOT / "configs/trainer/cpu.yaml"),
-                "-c",
-                str(ROOT / f"configs/robot/{method}_cw3.yaml"),
-                f"--seed_everything={seed}",
-                *QUIET,
-                f"--trainer.default_root_dir={root}",
-            ]
-        )
-        wall = time.perf_counter() - start
-        with open(os.path.join(cli.trainer.log_dir, "continual_metrics.json")) as f:
-            report = json.load(f)
+    cli, report, wall, _ = fit_run(ROOT / f"configs/robot/{method}_cw3.yaml", seed)
     model = cli.model
     added = [model.added_parameters(t) for t in range(model.num_tasks)] if hasattr(model, "added_parameters") else []
     row = {
@@ -77,14 +59,6 @@ def run_one(method: str, seed: int, out: str) -> None:
         "wall_s": wall,
     }
     Path(out).write_text(json.dumps(row, indent=2))
-
-
-def fmt(values: list[float | None], scale: float = 1.0, digits: int = 2) -> str:
-    vals = [v * scale for v in values if v is not None]
-    if not vals:
-        return "-"
-    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return f"{statistics.mean(vals):.{digits}f} ± {sd:.{digits}f}"
 
 
 def main() -> None:
@@ -100,21 +74,8 @@ def main() -> None:
         run_one(opts.one[0], int(opts.one[1]), opts.one[2])
         return
 
-    os.makedirs(ROOT / "benchmarks/out/robot", exist_ok=True)
     todo = [] if opts.report else [(m, s) for m in opts.methods for s in opts.seeds]
-    running: list[tuple[subprocess.Popen, str, int]] = []
-    for method, seed in todo:
-        while len(running) >= opts.jobs:
-            running = [r for r in running if r[0].poll() is None]
-            time.sleep(1)
-        out = str(ROOT / f"benchmarks/out/robot/{method}_seed{seed}.json")
-        cmd = [sys.executable, __file__, "--one", method, str(seed), out]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        running.append((subprocess.Popen(cmd, env=env, cwd=ROOT), method, seed))
-        print(f"started {method} seed {seed}", flush=True)
-    failed = [(m, s) for p, m, s in running if p.wait() != 0]
-    if failed:
-        raise SystemExit(f"runs failed: {failed}")
+    run_jobs(__file__, todo, ROOT / "benchmarks/out/robot", opts.jobs)
 
     # The table covers every method with results for all seeds (earlier runs included), in METHODS order.
     done = [m for m in NAMES if all((ROOT / f"benchmarks/out/robot/{m}_seed{s}.json").exists() for s in opts.seeds)]

@@ -177,37 +177,15 @@ def test_presets_read_the_cache(quick_cache, monkeypatch, tmp_path):
 def test_pretrain_bases_command(tmp_path, capsys):
     from cli.main import main
 
-    main(
-        [
-            "pretrain-bases",
-            "--cache",
-            str(tmp_path),
-            "--models",
-            "[digit-classifier]",
-            "--scale",
-            str(SCALE),
-            "--progress",
-            "false",
-        ]
-    )
+    args = ["pretrain-bases", "--cache", str(tmp_path), "--models", "[digit-classifier]", "--scale", str(SCALE)]
+    args += ["--progress", "false"]
+    main(args)
     path = cache.model_dir("digit-classifier", tmp_path, scale=SCALE)
     assert cache.is_built(path) and f"{path}: built in" in capsys.readouterr().out
     assert [p.name for p in cache.bases_dir(tmp_path, scale=SCALE).iterdir() if not p.name.startswith(".")] == [
         "digit-classifier"
     ]
-    main(
-        [
-            "pretrain-bases",
-            "--cache",
-            str(tmp_path),
-            "--models",
-            "[digit-classifier]",
-            "--scale",
-            str(SCALE),
-            "--progress",
-            "false",
-        ]
-    )
+    main(args)
     assert "already built" in capsys.readouterr().out
 
 

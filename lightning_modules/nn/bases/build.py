@@ -288,23 +288,26 @@ def _latent_pool(vae, count: int, seed: int, photos: dict[str, str] | None) -> d
 # -- the text-to-image UNet ------------------------------------------------------------------------------
 
 
+#: the levels both UNets share: 16 x 16 x 4 latents, three levels (32, 64, 64 channels), cross-attention at
+#: the two lower ones; 4 normalisation groups, 8 to 16 channels a group (SD: 10), as a group per 2 channels
+#: washes out colour
+UNET_LEVELS = dict(
+    sample_size=world.RESOLUTION // 2,
+    out_channels=4,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=8,
+    norm_num_groups=4,
+)
+
+
 def text_to_image_unet(cross_attention_dim: int):
-    """SD's `UNet2DConditionModel` on 16 x 16 x 4 latents: three levels (32, 64, 64 channels), cross-attention
-    at the two lower ones, 4 normalisation groups."""
+    """SD's `UNet2DConditionModel` at `UNET_LEVELS`."""
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(
-        sample_size=world.RESOLUTION // 2,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=8,
-        norm_num_groups=4,  # 8 to 16 channels a group (SD: 10); a group per 2 channels washes out colour
-    )
+    return UNet2DConditionModel(in_channels=4, cross_attention_dim=cross_attention_dim, **UNET_LEVELS)
 
 
 @torch.no_grad()
@@ -367,16 +370,9 @@ def inpainting_unet(cross_attention_dim: int, pooled_dim: int):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=world.RESOLUTION // 2,
         in_channels=9,
-        out_channels=4,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=cross_attention_dim,
-        attention_head_dim=8,
-        norm_num_groups=4,  # 8 to 16 channels a group (SD: 10); a group per 2 channels washes out colour
+        **UNET_LEVELS,
         addition_embed_type="text_time",
         addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
         projection_class_embeddings_input_dim=ADDITION_TIME_EMBED_DIM * len(TIME_IDS) + pooled_dim,

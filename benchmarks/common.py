@@ -1,0 +1,70 @@
+"""What the result-table benchmarks share: one `lifelong fit` run in this process, mean ± std cells, and
+running one process per (method, seed) a few at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fit_run(config: Path, seed: int, then: Callable[[Any, str], Any] | None = None) -> tuple[Any, dict, float, Any]:
+    """`lifelong fit -c cpu.yaml -c config` with `seed`, quiet, in a temporary folder: (cli, the run's
+    continual_metrics.json, wall seconds, `then(cli, folder)` called before the folder is removed)."""
+    from cli.main import QUIET, LifelongCLI
+
+    with tempfile.TemporaryDirectory() as root:
+        start = time.perf_counter()
+        cli = LifelongCLI(
+            args=[
+                "fit",
+                "-c",
+                str(ROOT / "configs/trainer/cpu.yaml"),
+                "-c",
+                str(config),
+                f"--seed_everything={seed}",
+                *QUIET,
+                f"--trainer.default_root_dir={root}",
+            ]
+        )
+        wall = time.perf_counter() - start
+        with open(os.path.join(cli.trainer.log_dir, "continual_metrics.json")) as f:
+            report = json.load(f)
+        extra = then(cli, root) if then is not None else None
+    return cli, report, wall, extra
+
+
+def fmt(values: list[float | None], scale: float = 1.0, digits: int = 2) -> str:
+    """Mean ± sample std of the values that are not None (times `scale`), or "-"."""
+    vals = [v * scale for v in values if v is not None]
+    if not vals:
+        return "-"
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{statistics.mean(vals):.{digits}f} ± {sd:.{digits}f}"
+
+
+def run_jobs(script: str, todo: list[tuple[str, int]], out: Path, jobs: int) -> None:
+    """Runs `script --one METHOD SEED out/METHOD_seedSEED.json` for each pair, `jobs` at a time, one torch
+    thread each; stops naming the runs that failed."""
+    out.mkdir(parents=True, exist_ok=True)
+    running: list[tuple[subprocess.Popen, str, int]] = []
+    for method, seed in todo:
+        while len(running) >= jobs:
+            running = [r for r in running if r[0].poll() is None]
+            time.sleep(1)
+        cmd = [sys.executable, script, "--one", method, str(seed), str(out / f"{method}_seed{seed}.json")]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        running.append((subprocess.Popen(cmd, env=env, cwd=ROOT), method, seed))
+        print(f"started {method} seed {seed}", flush=True)
+    failed = [(m, s) for p, m, s in running if p.wait() != 0]
+    if failed:
+        raise SystemExit(f"runs failed: {failed}")

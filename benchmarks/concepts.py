@@ -39,7 +39,11 @@ READING = [
     "the seed spread. What the table does show: the concept stream runs end to end on a pretrained base whose",
     "metric separates the concepts (the small CLIP gives 93-98 between photos of one concept, 85 between cat",
     "and cup, 41 between rocket and the others, 10-23 against digits), and the bytes each method stores per",
-    "concept at this size. Learning rates and steps tuned for this base are the next step.",
+    "concept at this size. Why nothing is learned: the base draws digits well but photos poorly (its samples",
+    'of "a photo of an astronaut" or "photo of a cat" are coloured blotches; 75% of its training images are',
+    "digits and the 15 photos are seen only as small random crops), and after 30 or 60 steps the samples of a",
+    "concept are still such blotches in the concept's colours. A base that draws photos, or concepts the base",
+    "can draw (a handwriting or colour style of digits), is what this table needs next.",
 ]
 
 

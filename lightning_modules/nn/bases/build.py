@@ -125,22 +125,11 @@ def train_classifier(recipe: Recipe, seed: int = 0, progress: Progress = _no_pro
 
 
 def clip_config():
-    """Text: 4 layers of width 64 (77 tokens, OpenAI's vocabulary); vision: a ViT with 8 x 8 patches on
-    32 x 32 images, 4 layers of width 64; 64-d joint space."""
-    from transformers import CLIPConfig
+    """Text and vision towers of 4 layers of width 64 (77 tokens, OpenAI's vocabulary; a ViT with 8 x 8
+    patches on 32 x 32 images); 64-d joint space."""
+    from lightning_modules.nn.diffusion.clip_score import small_clip_config
 
-    from lightning_modules.nn.diffusion.tokenizer import CLIP_TEXT_VOCAB
-
-    text = dict(**CLIP_TEXT_VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4)
-    vision = dict(
-        image_size=world.RESOLUTION,
-        patch_size=8,
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-    )
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=64)
+    return small_clip_config(width=64, intermediate=256, layers=4, projection=64, image_size=world.RESOLUTION)
 
 
 def clip_contrastive_loss(image_embeds: Tensor, text_embeds: Tensor, caption_index: Tensor, scale: Tensor) -> Tensor:
@@ -167,6 +156,7 @@ def train_clip(recipe: Recipe, seed: int = 0, progress: Progress = _no_progress)
     """The small CLIP on digits (half with colour words) and crops of every photo, the concepts' included."""
     from transformers import CLIPModel
 
+    from lightning_modules.nn.diffusion.clip_score import clip_features
     from lightning_modules.nn.diffusion.tokenizer import clip_tokenizer
 
     tokenizer = clip_tokenizer(77)
@@ -183,16 +173,14 @@ def train_clip(recipe: Recipe, seed: int = 0, progress: Progress = _no_progress)
             # padded to the longest caption only: with CLIP's causal mask the pooled (end-of-text) feature is
             # the same as with 77 positions, at a fraction of the cost
             tokens = tokenizer(captions, padding="longest", max_length=77, truncation=True, return_tensors="pt")
-            image = _features(model.get_image_features(pixel_values=_clip_pixels(batch["pixel_values"])))
-            text = _features(model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask))
+            image = clip_features(model.get_image_features(pixel_values=_clip_pixels(batch["pixel_values"])))
+            text = clip_features(
+                model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+            )
             return clip_contrastive_loss(image, text, index, model.logit_scale.exp().clamp(max=100))
 
         _fit(model, loss, recipe.clip_steps, recipe.lr["clip"], progress)
     return model, tokenizer
-
-
-def _features(out) -> Tensor:
-    return out if isinstance(out, Tensor) else out.pooler_output
 
 
 def text_encoder_from_clip(clip, with_projection: bool = False):

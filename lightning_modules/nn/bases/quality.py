@@ -66,14 +66,15 @@ def digit_sample_accuracy(
 @torch.no_grad()
 def clip_digit_retrieval(model, tokenizer) -> float:
     """Share of held-out coloured digits whose most similar caption among the ten digit prompts is theirs."""
-    from lightning_modules.nn.bases.build import _clip_pixels, _features
+    from lightning_modules.nn.bases.build import _clip_pixels
+    from lightning_modules.nn.diffusion.clip_score import clip_features
 
     held = world.held_out_digits()
-    images = _features(model.get_image_features(pixel_values=_clip_pixels(held["pixel_values"])))
+    images = clip_features(model.get_image_features(pixel_values=_clip_pixels(held["pixel_values"])))
     tokens = tokenizer(
         [world.digit_prompt(d) for d in range(10)], padding="max_length", max_length=77, return_tensors="pt"
     )
-    texts = _features(model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask))
+    texts = clip_features(model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask))
     return ((images @ texts.T).argmax(1) == held["label"]).float().mean().item()
 
 

@@ -56,25 +56,24 @@ def clip_i_score(generated_embeds: Tensor, reference_embeds: Tensor) -> Tensor:
     return (gen @ ref.T).mean(dim=1)
 
 
-def tiny_clip_config():
-    """A small random CLIP with OpenAI CLIP's vocabulary and 77-token context, 32-pixel images."""
+def small_clip_config(width: int, intermediate: int, layers: int, projection: int, image_size: int = 32):
+    """A small CLIP with OpenAI CLIP's vocabulary and 77-token context: text and vision towers of the same
+    width, depth and 4 heads, the ViT on `image_size`-pixel images in 8 x 8 patches."""
     from transformers import CLIPConfig
 
     from lightning_modules.nn.diffusion.tokenizer import CLIP_TEXT_VOCAB
 
-    text = dict(**CLIP_TEXT_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    vision = dict(
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-    )
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+    tower = dict(hidden_size=width, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=4)
+    vision = dict(image_size=image_size, patch_size=8, **tower)
+    return CLIPConfig(text_config=dict(**CLIP_TEXT_VOCAB, **tower), vision_config=vision, projection_dim=projection)
 
 
-def _features(out) -> Tensor:
+def tiny_clip_config():
+    """The random `tiny` CLIP: width 32, 2 layers, 16-d joint space, 32-pixel images."""
+    return small_clip_config(width=32, intermediate=64, layers=2, projection=16)
+
+
+def clip_features(out) -> Tensor:
     """transformers < 5 returns the projected features; 5.x returns an output whose pooler_output holds them."""
     return out if isinstance(out, Tensor) else out.pooler_output
 
@@ -178,7 +177,7 @@ class ClipScorer(FrozenScorer):
         """L2-normalised float32 image embeddings, B x D."""
         pixels = self.preprocess(images).to(device=self.device, dtype=self.dtype)
         if self.backend == "hf":
-            feats = _features(self.model.get_image_features(pixel_values=pixels))
+            feats = clip_features(self.model.get_image_features(pixel_values=pixels))
         else:
             feats = self.model.encode_image(pixels)
         return F.normalize(feats.float(), dim=-1)
@@ -191,7 +190,7 @@ class ClipScorer(FrozenScorer):
             tokens = self.tokenizer(
                 texts, padding="max_length", max_length=CONTEXT_LENGTH, truncation=True, return_tensors="pt"
             )
-            feats = _features(
+            feats = clip_features(
                 self.model.get_text_features(
                     input_ids=tokens.input_ids.to(self.device), attention_mask=tokens.attention_mask.to(self.device)
                 )

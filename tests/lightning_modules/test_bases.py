@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from cli.errors import ConfigError
-from lightning_modules.nn.bases import build, cache, quality, world
+from datamodules import small_world as world
+from lightning_modules.nn.bases import build, cache, quality
 from lightning_modules.nn.bases.classifier import DigitClassifier, ink_map
 
 SCALE = 0.004
@@ -27,11 +28,17 @@ def test_the_stream_is_seeded_and_captions_name_the_digit():
     assert torch.equal(a["pixel_values"], b["pixel_values"]) and a["caption"] == b["caption"]
     assert a["pixel_values"].shape == (32, 3, 32, 32)
     assert a["pixel_values"].min() >= -1 and a["pixel_values"].max() <= 1
+    pool = world.CaptionedImages(seed=3).pool(32)  # the same first samples, stacked
+    assert torch.equal(pool["pixel_values"], a["pixel_values"]) and pool["caption"] == a["caption"]
     for caption, label in zip(a["caption"], a["label"].tolist(), strict=True):
         if label >= 0:
             assert f"handwritten digit {world.DIGIT_WORDS[label]}" in caption
         else:
             assert caption in world.PHOTOS.values()  # the concepts' photos are left out by default
+    for caption, label in zip(a["caption"], a["label"].tolist(), strict=True):
+        words = caption.split()  # "a handwritten digit seven" or "a red handwritten digit seven on a ... background"
+        if label >= 0 and len(words) > 4:
+            assert words[1] in world.COLOURS and words[-2] in world.COLOURS and caption.endswith("background")
 
 
 def test_colour_pairs_contrast_and_held_out_digits_are_split_digits_test_split():
@@ -234,3 +241,19 @@ def test_min_snr_weighting_by_hand():
     assert snr[0] > 5 > snr[1]
     want = (5 / snr[0] + 1) / 2
     assert build.noise_loss(pred, noise, t, scheduler, 5.0).item() == pytest.approx(want.item(), rel=1e-5)
+    # the same loss in every parametrisation: min(SNR, 5) times the clean-latent MSE; a prediction off by
+    # d in x0 is off by d * sqrt(SNR) in epsilon and by d * sqrt(1 + SNR) in v (|v| scales as sqrt(1 + SNR)
+    # times the x0 error for a fixed noisy input)
+    d = torch.tensor([0.3, 0.3]).view(2, 1, 1, 1)
+    x0_error = (d**2).flatten()
+    want = (snr.clamp(max=5) * x0_error).mean()
+    zero = torch.zeros(2, 1, 2, 2)
+    for kind, error in (
+        ("sample", d),
+        ("epsilon", d * snr.sqrt().view(2, 1, 1, 1)),
+        ("v_prediction", d * (1 + snr).sqrt().view(2, 1, 1, 1)),
+    ):
+        got = build.noise_loss(zero + error, zero, t, scheduler, 5.0, kind)
+        assert got.item() == pytest.approx(want.item(), rel=1e-5), kind
+    with pytest.raises(ValueError, match="prediction_type 'flow'"):
+        build.noise_loss(zero, zero, t, scheduler, 5.0, "flow")

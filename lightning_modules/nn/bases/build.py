@@ -1,4 +1,4 @@
-"""Training recipes of the small pretrained bases, from scratch on the embedded world (`world.py`):
+"""Training recipes of the small pretrained bases, from scratch on the embedded world (`datamodules/small_world.py`):
 
 - `digit-classifier`: a small CNN on the coloured train digits (the structure judge);
 - `clip`: a small CLIP (transformers `CLIPModel`, OpenAI CLIP's BPE vocabulary), contrastive loss;
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_modules.nn.bases import world
+from datamodules import small_world as world
 from lightning_modules.nn.bases.classifier import DigitClassifier
 from lightning_modules.nn.diffusion.components import SD_SCHEDULE
 
@@ -37,21 +37,29 @@ class Recipe:
     classifier_batch: int = 128
     clip_steps: int = 1500
     clip_batch: int = 128
-    vae_steps: int = 1500
+    vae_steps: int = 2400
     vae_batch: int = 64
     unet_steps: int = 1200
     unet_batch: int = 32
-    inpaint_steps: int = 1000
+    inpaint_steps: int = 1100
     inpaint_batch: int = 32
+    #: images generated once and drawn from (a fifth of the CLIP's and the VAE's time went to making images)
+    clip_pool: int = 32768
+    vae_pool: int = 8192
     latent_pool: int = 8192  # VAE-encoded training images the UNets draw from
     snr_gamma: float = 5.0  # Min-SNR loss weighting of the UNets (Hang et al., 2023); 0: SD's plain MSE
+    #: what the inpainting UNet predicts: "v_prediction" (SD 2's velocity: near the clean latents at high
+    #: noise, so outside the mask close to a copy of the masked image's latents, and near the noise at low
+    #: noise, so the last steps are exact; PSNR outside the mask 27.7 dB against 26.3 for "sample" and 24.4
+    #: for SDXL's "epsilon", measured on the same base and data), "sample" or "epsilon"
+    inpaint_prediction: str = "v_prediction"
     lr: dict = field(default_factory=lambda: {"classifier": 2e-3, "clip": 2e-3, "vae": 3e-3, "unet": 2e-3})
 
     def scaled(self, factor: float) -> Recipe:
         out = Recipe(**asdict(self))
         for name in ("classifier_steps", "clip_steps", "vae_steps", "unet_steps", "inpaint_steps"):
             setattr(out, name, max(2, int(getattr(self, name) * factor)))
-        for name in ("latent_pool",):
+        for name in ("clip_pool", "vae_pool", "latent_pool"):
             setattr(out, name, max(256, int(getattr(self, name) * factor)))
         return out
 
@@ -60,15 +68,27 @@ def _no_progress(done: int, total: int) -> None:
     pass
 
 
-def noise_loss(pred: Tensor, noise: Tensor, timesteps: Tensor, scheduler, snr_gamma: float) -> Tensor:
-    """SD's epsilon MSE; with `snr_gamma` > 0 each sample weighted by min(SNR(t), gamma) / SNR(t) (Min-SNR,
-    as diffusers' training examples' `--snr_gamma`), which makes the small UNets learn much faster."""
-    per_sample = (pred.float() - noise.float()).pow(2).flatten(1).mean(1)
+def noise_loss(
+    pred: Tensor, target: Tensor, timesteps: Tensor, scheduler, snr_gamma: float, prediction_type: str = "epsilon"
+) -> Tensor:
+    """The MSE to `target` (the noise for "epsilon", the clean latents for "sample", the velocity for
+    "v_prediction"); with `snr_gamma` > 0
+    each sample weighted so that the loss is min(SNR(t), gamma) times the clean-latent MSE whatever the
+    parametrisation (Min-SNR, Hang et al., 2023; for epsilon the weight min(SNR, gamma) / SNR of diffusers'
+    training examples' `--snr_gamma`), which makes the small UNets learn much faster."""
+    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
     if snr_gamma <= 0:
         return per_sample.mean()
     alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
     snr = alphas / (1 - alphas)
-    return (per_sample * snr.clamp(max=snr_gamma) / snr).mean()
+    weight = snr.clamp(max=snr_gamma)
+    if prediction_type == "epsilon":
+        weight = weight / snr
+    elif prediction_type == "v_prediction":
+        weight = weight / (snr + 1)
+    elif prediction_type != "sample":
+        raise ValueError(f"prediction_type {prediction_type!r}: 'epsilon', 'sample' or 'v_prediction'")
+    return (per_sample * weight).mean()
 
 
 def _schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int = 50):
@@ -83,9 +103,20 @@ def _schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int = 50):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def pooled_batches(images: dict, batch_size: int, generator: torch.Generator):
+    """Endless batches drawn with replacement from a pool of images (`CaptionedImages.pool`)."""
+    while True:
+        idx = torch.randint(len(images["caption"]), (batch_size,), generator=generator)
+        yield {
+            "pixel_values": images["pixel_values"][idx],
+            "caption": [images["caption"][i] for i in idx.tolist()],
+            "label": images["label"][idx],
+        }
+
+
 def _fit(model: nn.Module, loss_fn: Callable[[int], Tensor], steps: int, lr: float, progress: Progress) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=True)  # fused: 7x faster step on CPU
     scheduler = _schedule(optimizer, steps, warmup=min(50, max(1, steps // 10)))
     model.train()
     for step in range(steps):
@@ -164,18 +195,22 @@ def train_clip(recipe: Recipe, seed: int = 0, progress: Progress = _no_progress)
         torch.manual_seed(seed)
         model = CLIPModel(clip_config())
         photos = world.PHOTOS | world.CONCEPT_PHOTOS
-        stream = world.CaptionedImages(seed=seed + 2, digit_fraction=0.75, photos=photos).batches(recipe.clip_batch)
+        images = world.CaptionedImages(seed=seed + 2, digit_fraction=0.75, photos=photos).pool(recipe.clip_pool)
+        stream = pooled_batches(images, recipe.clip_batch, torch.Generator().manual_seed(seed + 2))
+        # every caption of the pool tokenized once, padded to the longest only: with CLIP's causal mask the
+        # pooled (end-of-text) feature is the same as with 77 positions, at a fraction of the cost
+        distinct = sorted(set(images["caption"]))
+        row = {c: k for k, c in enumerate(distinct)}
+        tokens = tokenizer(distinct, padding="longest", max_length=77, truncation=True, return_tensors="pt")
 
         def loss(step: int) -> Tensor:
             batch = next(stream)
             captions = sorted(set(batch["caption"]))
             index = torch.tensor([captions.index(c) for c in batch["caption"]])
-            # padded to the longest caption only: with CLIP's causal mask the pooled (end-of-text) feature is
-            # the same as with 77 positions, at a fraction of the cost
-            tokens = tokenizer(captions, padding="longest", max_length=77, truncation=True, return_tensors="pt")
+            rows = torch.tensor([row[c] for c in captions])
             image = clip_features(model.get_image_features(pixel_values=_clip_pixels(batch["pixel_values"])))
             text = clip_features(
-                model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+                model.get_text_features(input_ids=tokens.input_ids[rows], attention_mask=tokens.attention_mask[rows])
             )
             return clip_contrastive_loss(image, text, index, model.logit_scale.exp().clamp(max=100))
 
@@ -232,7 +267,8 @@ def train_vae(recipe: Recipe, seed: int = 0, progress: Progress = _no_progress):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = vae_model()
-        stream = world.CaptionedImages(seed=seed + 3, digit_fraction=0.6).batches(recipe.vae_batch)
+        images = world.CaptionedImages(seed=seed + 3, digit_fraction=0.6).pool(recipe.vae_pool)
+        stream = pooled_batches(images, recipe.vae_batch, torch.Generator().manual_seed(seed + 3))
 
         def loss(step: int) -> Tensor:
             # a random 16 x 16 window of each batch: the VAE is convolutional, so it learns the same maps
@@ -256,26 +292,20 @@ def train_vae(recipe: Recipe, seed: int = 0, progress: Progress = _no_progress):
 def _latent_pool(vae, count: int, seed: int, photos: dict[str, str] | None) -> dict:
     """`count` training images of the world, VAE posterior mean and std cached once (a UNet step samples
     latents from them), with their captions."""
-    stream = world.CaptionedImages(seed=seed, digit_fraction=0.75, photos=photos).batches(256)
-    means, stds, pixels, captions = [], [], [], []
-    for _ in range(math.ceil(count / 256)):
-        batch = next(stream)
-        dist = vae.encode(batch["pixel_values"]).latent_dist
-        means.append(dist.mean)
-        stds.append(dist.std)
-        pixels.append(batch["pixel_values"])
-        captions += batch["caption"]
+    images = world.CaptionedImages(seed=seed, digit_fraction=0.75, photos=photos).pool(count)
+    dists = [vae.encode(chunk).latent_dist for chunk in images["pixel_values"].split(256)]
     return {
-        "mean": torch.cat(means)[:count],
-        "std": torch.cat(stds)[:count],
-        "pixel_values": torch.cat(pixels)[:count],
-        "caption": captions[:count],
+        "mean": torch.cat([d.mean for d in dists]),
+        "std": torch.cat([d.std for d in dists]),
+        "pixel_values": images["pixel_values"],
+        "caption": images["caption"],
     }
 
 
 # -- the text-to-image UNet ------------------------------------------------------------------------------
 
 
+#: (both UNets train in channels-last memory format: 7% faster on CPU; saved contiguous)
 #: the levels both UNets share: 16 x 16 x 4 latents, three levels (32, 64, 64 channels), cross-attention at
 #: the two lower ones; 4 normalisation groups, 8 to 16 channels a group (SD: 10), as a group per 2 channels
 #: washes out colour
@@ -323,7 +353,7 @@ def train_text_to_image(recipe: Recipe, vae, text_encoder, tokenizer, seed: int 
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = text_to_image_unet(text_encoder.config.hidden_size)
+        unet = text_to_image_unet(text_encoder.config.hidden_size).to(memory_format=torch.channels_last)
         pool = _latent_pool(vae, recipe.latent_pool, seed + 5, None)
         states = _caption_states(encode, pool["caption"] + [""])
         scale = vae.config.scaling_factor
@@ -337,11 +367,11 @@ def train_text_to_image(recipe: Recipe, vae, text_encoder, tokenizer, seed: int 
             )
             noise = torch.randn_like(latents)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),))
-            noisy = scheduler.add_noise(latents, noise, t)
+            noisy = scheduler.add_noise(latents, noise, t).to(memory_format=torch.channels_last)
             return noise_loss(unet(noisy, t, context).sample, noise, t, scheduler, recipe.snr_gamma)
 
         _fit(unet, loss, recipe.unet_steps, recipe.lr["unet"], progress)
-    return unet, scheduler
+    return unet.to(memory_format=torch.contiguous_format), scheduler
 
 
 # -- the inpainting UNet ---------------------------------------------------------------------------------
@@ -414,7 +444,8 @@ def train_inpainting(
     empty prompt is all zeros (SDXL's `force_zeros_for_empty_prompt`), dropped for 10% of samples."""
     from diffusers import EulerDiscreteScheduler
 
-    scheduler = EulerDiscreteScheduler(**{k: v for k, v in SD_SCHEDULE.items() if k != "clip_sample"})
+    schedule = {k: v for k, v in SD_SCHEDULE.items() if k != "clip_sample"}
+    scheduler = EulerDiscreteScheduler(**(schedule | {"prediction_type": recipe.inpaint_prediction}))
     train_scheduler = _ddpm()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -423,7 +454,7 @@ def train_inpainting(
             distinct = sorted(set(pool["caption"]))
             states, pooled = sdxl_text_states(text_encoder, text_encoder_2, tokenizer, distinct)
         index = {c: k for k, c in enumerate(distinct)}
-        unet = inpainting_unet(states.shape[-1], pooled.shape[-1])
+        unet = inpainting_unet(states.shape[-1], pooled.shape[-1]).to(memory_format=torch.channels_last)
         scale = vae.config.scaling_factor
         time_ids = torch.tensor([TIME_IDS], dtype=torch.float32)
 
@@ -443,12 +474,15 @@ def train_inpainting(
             t = torch.randint(0, train_scheduler.config.num_train_timesteps, (len(idx),))
             noisy = train_scheduler.add_noise(latents, noise, t)
             added = {"text_embeds": text_embeds, "time_ids": time_ids.expand(len(idx), -1)}
-            sample = torch.cat([noisy, small_masks, masked_latents], dim=1)
+            sample = torch.cat([noisy, small_masks, masked_latents], dim=1).to(memory_format=torch.channels_last)
             pred = unet(sample, t, context, added_cond_kwargs=added).sample
-            return noise_loss(pred, noise, t, train_scheduler, recipe.snr_gamma)
+            target = {"sample": latents, "epsilon": noise}.get(recipe.inpaint_prediction)
+            if target is None:
+                target = train_scheduler.get_velocity(latents, noise, t)
+            return noise_loss(pred, target, t, train_scheduler, recipe.snr_gamma, recipe.inpaint_prediction)
 
         _fit(unet, loss, recipe.inpaint_steps, recipe.lr["unet"], progress)
-    return unet, scheduler
+    return unet.to(memory_format=torch.contiguous_format), scheduler
 
 
 def _ddpm():

@@ -147,7 +147,8 @@ def crop(image: Tensor, generator: torch.Generator, min_scale: float = 0.3) -> T
 class CaptionedImages(torch.utils.data.IterableDataset):
     """An endless, seeded stream of {"pixel_values": 3 x 32 x 32 in [-1, 1], "caption", "label"} samples:
     a fraction `digit_fraction` of coloured train digits (label 0-9), the rest photo crops (label -1).
-    `photos` names the scikit-image photos used (default: PHOTOS, without the concepts' photos)."""
+    `photos` names the scikit-image photos used (default: PHOTOS, without the concepts' photos). A digit's
+    caption names its colours with probability `colour_caption_p`."""
 
     def __init__(
         self,
@@ -187,16 +188,24 @@ class CaptionedImages(torch.utils.data.IterableDataset):
         while True:
             yield self.sample(generator)
 
+    def pool(self, count: int) -> dict:
+        """The first `count` samples, stacked: pixel_values N x 3 x 32 x 32, captions (list), labels N."""
+        stream = iter(self)
+        return _stacked([next(stream) for _ in range(count)])
+
     def batches(self, batch_size: int):
         """Endless batches: pixel_values B x 3 x 32 x 32, captions (list), labels B (single process)."""
         stream = iter(self)
         while True:
-            items = [next(stream) for _ in range(batch_size)]
-            yield {
-                "pixel_values": torch.stack([i["pixel_values"] for i in items]),
-                "caption": [i["caption"] for i in items],
-                "label": torch.tensor([i["label"] for i in items]),
-            }
+            yield _stacked([next(stream) for _ in range(batch_size)])
+
+
+def _stacked(items: list[dict]) -> dict:
+    return {
+        "pixel_values": torch.stack([i["pixel_values"] for i in items]),
+        "caption": [i["caption"] for i in items],
+        "label": torch.tensor([i["label"] for i in items]),
+    }
 
 
 def held_out_digits(seed: int = 0) -> dict:

@@ -12,8 +12,10 @@ Reads the CustomConcept101 / R2MoE layout::
       reg/<class>/            regularisation images of the class word (prior preservation), made by the base
                               model with `lifelong make-reg`; concepts of one class (dog, dog1) share them
 
-With no `root`, three concepts cut from scikit-image's bundled photos are written to a temporary folder in
-that layout (`write_embedded_concepts`), so demos and tests need no download.
+With no `root`, three embedded concepts are written to a temporary folder in that layout, so demos and tests
+need no download: cut from scikit-image's bundled photos (`write_embedded_concepts`) or, for the small
+pretrained bases, which draw digits well and photos poorly, three coloured handwritten digits
+(`write_embedded_digit_concepts`).
 """
 
 from __future__ import annotations
@@ -299,7 +301,9 @@ class ConceptDataModule(ContinualDataModule):
     setup and kept in memory (training images at `resolution`² as `resize` says, references centre-cropped).
 
     Args:
-        root: the concepts folder; None writes the embedded scikit-image concepts to a temporary folder.
+        root: the concepts folder; None writes the `embedded` concepts to a temporary folder.
+        embedded: which embedded concepts a null root gives: `photos` (cat, cup, rocket cut from
+            scikit-image photos) or `digits` (three held-out handwritten digits, each in its own colours).
         concepts: concept folder names in task order (default: sorted sub-folders holding a caption.txt).
         classes: concept -> class word, for the concepts whose folder name does not give it (the default
             drops trailing digits and reads "_" as a space: dog1 -> dog, duck_toy -> duck toy).
@@ -343,6 +347,7 @@ class ConceptDataModule(ContinualDataModule):
         inference_gate: Literal["token_class", "caption"] = "token_class",
         clip_resolution: int = 224,
         max_eval_prompts: int | None = None,
+        embedded: Literal["photos", "digits"] = "photos",
         **kwargs,
     ):
         kwargs.setdefault("batch_size", 2)
@@ -361,6 +366,7 @@ class ConceptDataModule(ContinualDataModule):
             ("canvas", canvas, ("grey", "black")),
             ("resize", resize, ("center_crop", "stretch")),
             ("inference_gate", inference_gate, ("token_class", "caption")),
+            ("embedded", embedded, ("photos", "digits")),
         ):
             if value not in choices:
                 raise ConfigError(f"data.{name}: {value!r} is not one of {', '.join(map(repr, choices))}")
@@ -379,6 +385,7 @@ class ConceptDataModule(ContinualDataModule):
         self.inference_gate = inference_gate
         self.clip_resolution = clip_resolution
         self.max_eval_prompts = max_eval_prompts
+        self.embedded = embedded
         self._embedded_dir: tempfile.TemporaryDirectory | None = None
         self._listed: list[_Concept] | None = None
         self._train: list[Dataset] = []
@@ -393,7 +400,8 @@ class ConceptDataModule(ContinualDataModule):
             root = self.root
             if root is None:
                 self._embedded_dir = tempfile.TemporaryDirectory(prefix="lifelong-concepts-")
-                root = write_embedded_concepts(self._embedded_dir.name)
+                write = write_embedded_digit_concepts if self.embedded == "digits" else write_embedded_concepts
+                root = write(self._embedded_dir.name)
             self._listed = self._list(root)
         return self._listed
 
@@ -621,4 +629,51 @@ def write_embedded_concepts(path: str | Path) -> Path:
         reg.mkdir(parents=True, exist_ok=True)
         for i, photo in enumerate(reg_photos):
             _cut(photo, quarters[(i + k) % 4], False, square=True).save(reg / f"{i:02d}.png")
+    return path
+
+
+#: (concept folder, digit, ink, background): each concept is one digit class in one colour pair, four of
+#: its held-out handwritten instances as views; the folder names give all three the class "handwritten digit"
+_EMBEDDED_DIGITS = (
+    ("handwritten_digit1", 3, "yellow", "blue"),
+    ("handwritten_digit2", 7, "white", "red"),
+    ("handwritten_digit3", 4, "black", "green"),
+)
+_DIGIT_VIEWS = 4
+_DIGIT_PROMPTS = ("photo of a {}",)  # the training captions and the gate prompt start so, too
+_DIGIT_REG_IMAGES = 8
+
+
+def write_embedded_digit_concepts(path: str | Path) -> Path:
+    """Writes three digit concepts (`_EMBEDDED_DIGITS`: four held-out instances of a digit in its colour
+    pair, 32 x 32, captioned "<new1> handwritten digit") in the on-disk layout under `path`, and returns it.
+
+    Made for the small pretrained bases (`lifelong pretrain-bases`): they learnt coloured digits from the
+    train split, so each concept is a new instance of something they can draw, and their small CLIP tells
+    digits and colours apart. `reg/handwritten digit/` holds train digits in random colour pairs.
+    Deterministic: the same files every call.
+    """
+    from PIL import Image
+
+    from datamodules import small_world as world
+
+    def save(image: Tensor, file: Path) -> None:
+        Image.fromarray((image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()).save(file)
+
+    path = Path(path)
+    intensities, labels = world.digits_split("test")
+    for concept, digit, ink, background in _EMBEDDED_DIGITS:
+        folder = path / concept
+        folder.mkdir(parents=True, exist_ok=True)
+        instances = (labels == digit).nonzero().flatten()[:_DIGIT_VIEWS].tolist()
+        for i, k in enumerate(instances):
+            save(world.paint(intensities[k], ink, background), folder / f"{i:02d}.png")
+        (folder / "caption.txt").write_text("<new1> handwritten digit\n" * len(instances), encoding="utf-8")
+        (path / "prompts").mkdir(exist_ok=True)
+        (path / "prompts" / f"{concept}.txt").write_text("".join(p + "\n" for p in _DIGIT_PROMPTS), encoding="utf-8")
+    reg = path / "reg" / default_class(_EMBEDDED_DIGITS[0][0])
+    reg.mkdir(parents=True, exist_ok=True)
+    stream = iter(world.CaptionedImages(seed=0, digit_fraction=1.0))
+    for i in range(_DIGIT_REG_IMAGES):
+        save((next(stream)["pixel_values"] + 1) / 2, reg / f"{i:02d}.png")
     return path

@@ -701,6 +701,11 @@ CASES = [
         ("resize", "'center_crop', 'stretch'"),
     ),
     Case(
+        "unknown embedded concept set",
+        lambda f: fit_args(R2MOE, f / "run", "--data.init_args.embedded=faces"),
+        ("embedded", "'photos', 'digits'"),
+    ),
+    Case(
         "unknown augmentation caption placement",
         lambda f: fit_args(R2MOE, f / "run", "--data.init_args.augment_caption=after"),
         ("augment_caption", "'prefix', 'insert'"),
@@ -796,10 +801,10 @@ CASES = [
     Case(
         "a cached base that does not load",
         lambda f: ["pretrain-bases", "--cache", str(f / "cache"), "--models", "[clip]"],
-        ("bases-v1-seed0/clip", "does not load", "delete that folder", "pretrain-bases"),
+        ("bases-v2-seed0/clip", "does not load", "delete that folder", "pretrain-bases"),
         lambda f, t: (
-            write("cache/bases-v1-seed0/clip/lifelong_base.json", "{}")(f, t),
-            write("cache/bases-v1-seed0/clip/config.json", "not json")(f, t),
+            write("cache/bases-v2-seed0/clip/lifelong_base.json", "{}")(f, t),
+            write("cache/bases-v2-seed0/clip/config.json", "not json")(f, t),
         ),
     ),
 ]

@@ -18,6 +18,7 @@ from datamodules.concepts import (
     augment_target,
     augmented_caption,
     write_embedded_concepts,
+    write_embedded_digit_concepts,
 )
 
 R, D = 64, 8  # training resolution and latent downsampling of the tests
@@ -284,6 +285,38 @@ def test_embedded_default(tmp_path):
 
     first, second = digest(write_embedded_concepts(tmp_path / "a")), digest(write_embedded_concepts(tmp_path / "b"))
     assert first == second and len(first) == 3 * 5 + 3 + 3 * 4  # images + captions, prompts, reg
+
+
+def test_embedded_digits(tmp_path):
+    """The digit concepts: one class word for all three, each concept's views the same digit in the same
+    colours (pixel values of a painted digit are the two colours' blend), held-out instances, deterministic."""
+    from datamodules import small_world as world
+    from datamodules.concepts import _EMBEDDED_DIGITS
+
+    dm = ConceptDataModule(embedded="digits", resolution=32, mask_downsample=2, clip_resolution=32)
+    stream = dm.stream
+    assert stream.tokens == ("<new1>", "<new2>", "<new3>")
+    assert stream.classes == ("handwritten digit",) * 3
+    assert stream.gate_prompts[0] == "photo of a <new1> handwritten digit"
+    dm.setup()
+    assert [len(dm.eval_dataset(t)) for t in range(3)] == [1, 1, 1]
+    root = write_embedded_digit_concepts(tmp_path / "a")
+    test_x, test_y = world.digits_split("test")
+    for name, digit, ink, background in _EMBEDDED_DIGITS:
+        views = sorted((root / name).glob("*.png"))
+        assert len(views) == 4
+        assert (root / name / "caption.txt").read_text().splitlines() == ["<new1> handwritten digit"] * 4
+        first = torch.from_numpy(np.array(Image.open(views[0]))).permute(2, 0, 1).float() / 255
+        k = int((test_y == digit).nonzero()[0])  # the first held-out instance of the digit
+        assert torch.allclose(first, world.paint(test_x[k], ink, background), atol=1 / 255)
+    assert len(list((root / "reg" / "handwritten digit").glob("*.png"))) == 8
+
+    def digest(root: Path) -> dict[str, str]:
+        return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest() for p in root.rglob("*.*")}
+
+    assert digest(root) == digest(write_embedded_digit_concepts(tmp_path / "b"))
+    with pytest.raises(ConfigError, match=r"data.embedded: 'faces' is not one of 'photos', 'digits'"):
+        ConceptDataModule(embedded="faces")
 
 
 def test_config_errors(concepts, tmp_path):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import ROOT, fit_run, fmt  # noqa: E402
+from benchmarks.common import ROOT, fit_run, fmt, markdown_table  # noqa: E402
 
 METHODS = ["joint", "derpp", "der", "er", "icarl", "lwf", "ewc", "finetune", "lmsrr"]
 NAMES = {
@@ -82,10 +82,8 @@ def main() -> None:
         f"Final average accuracy over the 5 tasks (%), mean ± std over seeds {', '.join(map(str, opts.seeds))};",
         "written by `python benchmarks/classification.py` on 2 CPU cores.",
         "",
-        "| method | " + " | ".join(header) + " |",
-        "|---|" + "---|" * len(header),
     ]
-    lines += [f"| {name} | " + " | ".join(cells.values()) + " |" for name, cells in table.items()]
+    lines += markdown_table("method", header, {name: list(cells.values()) for name, cells in table.items()})
     lines += [
         "",
         "Reading the table: the replay methods keep most of the old tasks; DER++ is the best of them. LwF",

@@ -3,6 +3,7 @@ running one process per (method, seed) a few at a time."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -68,3 +69,24 @@ def run_jobs(script: str, todo: list[tuple[str, int]], out: Path, jobs: int) -> 
     failed = [(m, s) for p, m, s in running if p.wait() != 0]
     if failed:
         raise SystemExit(f"runs failed: {failed}")
+
+
+def table_parser(
+    doc: str, methods: list[str], markdown: str, choices: list[str] | None = None
+) -> argparse.ArgumentParser:
+    """The options of a result table run through `run_jobs`: --seeds, --methods, --jobs, --report, the
+    hidden --one METHOD SEED OUT that `run_jobs` starts each run with, and --markdown (the committed table)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--methods", nargs="+", default=methods, choices=choices or methods)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--report", action="store_true", help="only rebuild the table from earlier runs")
+    parser.add_argument("--one", nargs=3, metavar=("METHOD", "SEED", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--markdown", default=markdown)
+    return parser
+
+
+def markdown_table(corner: str, header: list[str], rows: dict[str, list[str]]) -> list[str]:
+    """The lines of a markdown table: `corner` over the row names, `header` over the columns."""
+    lines = ["| " + " | ".join([corner, *header]) + " |", "|---|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join([name, *cells]) + " |" for name, cells in rows.items()]

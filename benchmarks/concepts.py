@@ -12,7 +12,6 @@ and CLIP-T matrices (mean over seeds), the final averages, forgetting and storag
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import ROOT, fit_run, fmt, run_jobs  # noqa: E402
+from benchmarks.common import ROOT, fit_run, fmt, markdown_table, run_jobs, table_parser  # noqa: E402
 
 METHODS = ["r2moe", "custom_diffusion", "sequential_lora"]
 NAMES = {"r2moe": "R2MoE", "custom_diffusion": "Custom Diffusion", "sequential_lora": "Sequential LoRA"}
@@ -80,13 +79,7 @@ def mean_matrix(rows: list[dict], metric: str) -> list[list[float | None]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--report", action="store_true", help="only rebuild the table from earlier runs")
-    parser.add_argument("--one", nargs=3, metavar=("METHOD", "SEED", "OUT"), help=argparse.SUPPRESS)
-    parser.add_argument("--markdown", default=str(ROOT / "docs/results/concepts_tiny.md"))
+    parser = table_parser(__doc__, METHODS, str(ROOT / "docs/results/concepts_tiny.md"))
     opts = parser.parse_args()
     if opts.one:
         run_one(opts.one[0], int(opts.one[1]), opts.one[2])
@@ -122,12 +115,8 @@ def main() -> None:
         lines = []
         for m, rows in runs.items():
             mat = mean_matrix(rows, metric)
-            lines += [f"{NAMES[m]}:", "", "| after \\ on | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
-            lines += [
-                f"| {tasks[i]} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in row) + " |"
-                for i, row in enumerate(mat)
-            ]
-            lines.append("")
+            cells = {tasks[i]: ["-" if v is None else f"{v:.2f}" for v in row] for i, row in enumerate(mat)}
+            lines += [f"{NAMES[m]}:", "", *markdown_table("after \\ on", tasks, cells), ""]
         return lines
 
     lines = [
@@ -142,10 +131,8 @@ def main() -> None:
         f"{', '.join(map(str, opts.seeds))}; written by `python benchmarks/concepts.py` on 2 CPU cores.",
         "Storage: bytes of the exported file (`lifelong export`, float32) divided by the number of concepts.",
         "",
-        "| method | " + " | ".join(header) + " |",
-        "|---|" + "---|" * len(header),
     ]
-    lines += [f"| {name} | " + " | ".join(cells.values()) + " |" for name, cells in table.items()]
+    lines += markdown_table("method", header, {name: list(cells.values()) for name, cells in table.items()})
     lines += ["", "## CLIP-I after each concept (rows) on each concept (columns), mean over seeds", ""]
     lines += matrix_lines("clip_i")
     lines += ["## CLIP-T, the same layout", ""]

@@ -11,7 +11,6 @@ The rollout throughput with 0, 1 and 2 worker processes comes from `benchmarks/r
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -20,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import ROOT, fit_run, fmt, run_jobs  # noqa: E402
+from benchmarks.common import ROOT, fit_run, fmt, markdown_table, run_jobs, table_parser  # noqa: E402
 
 METHODS = ["sequential", "er", "ewc", "packnet", "tail", "dmpel"]
 NAMES = {
@@ -62,13 +61,7 @@ def run_one(method: str, seed: int, out: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=list(NAMES))
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--report", action="store_true", help="only rebuild the table from earlier runs")
-    parser.add_argument("--one", nargs=3, metavar=("METHOD", "SEED", "OUT"), help=argparse.SUPPRESS)
-    parser.add_argument("--markdown", default=str(ROOT / "docs/results/metaworld_cw3.md"))
+    parser = table_parser(__doc__, METHODS, str(ROOT / "docs/results/metaworld_cw3.md"), choices=list(NAMES))
     opts = parser.parse_args()
     if opts.one:
         run_one(opts.one[0], int(opts.one[1]), opts.one[2])
@@ -126,10 +119,8 @@ def main() -> None:
         "row is written, e.g. PackNet's pruning); parameters added per task = what each new task trains and",
         "keeps (replay data, Fisher and masks are not parameters).",
         "",
-        "| method | " + " | ".join(header) + " |",
-        "|---|" + "---|" * len(header),
     ]
-    lines += [f"| {name} | " + " | ".join(cells.values()) + " |" for name, cells in table.items()]
+    lines += markdown_table("method", header, {name: list(cells.values()) for name, cells in table.items()})
     lines += [
         "",
         "Reading the table: every method starts from the same policy pretrained on eight other Meta-World",

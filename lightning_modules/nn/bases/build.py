@@ -439,14 +439,17 @@ def train_inpainting(
     seed: int = 0,
     progress: Progress = _no_progress,
 ):
-    """The 9-channel UNet with SD-inpainting's objective: predict the noise of the whole latent given the
-    mask and the masked image's latents (pixels under the mask set to 0, as diffusers' pipeline does); the
-    empty prompt is all zeros (SDXL's `force_zeros_for_empty_prompt`), dropped for 10% of samples."""
-    from diffusers import EulerDiscreteScheduler
+    """The 9-channel UNet with SD-inpainting's objective: predict the whole latent's noise, velocity or clean
+    latents (`recipe.inpaint_prediction`) given the mask and the masked image's latents (pixels under the
+    mask set to 0, as diffusers' pipeline does); the empty prompt is all zeros (SDXL's
+    `force_zeros_for_empty_prompt`), dropped for 10% of samples."""
+    from diffusers import DDPMScheduler, EulerDiscreteScheduler
 
-    schedule = {k: v for k, v in SD_SCHEDULE.items() if k != "clip_sample"}
-    scheduler = EulerDiscreteScheduler(**(schedule | {"prediction_type": recipe.inpaint_prediction}))
-    train_scheduler = _ddpm()
+    from lightning_modules.nn.diffusion.loss import diffusion_target
+
+    schedule = SD_SCHEDULE | {"prediction_type": recipe.inpaint_prediction}
+    scheduler = EulerDiscreteScheduler(**{k: v for k, v in schedule.items() if k != "clip_sample"})
+    train_scheduler = DDPMScheduler(**schedule)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         pool = _latent_pool(vae, recipe.latent_pool, seed + 6, None)
@@ -476,16 +479,9 @@ def train_inpainting(
             added = {"text_embeds": text_embeds, "time_ids": time_ids.expand(len(idx), -1)}
             sample = torch.cat([noisy, small_masks, masked_latents], dim=1).to(memory_format=torch.channels_last)
             pred = unet(sample, t, context, added_cond_kwargs=added).sample
-            target = {"sample": latents, "epsilon": noise}.get(recipe.inpaint_prediction)
-            if target is None:
-                target = train_scheduler.get_velocity(latents, noise, t)
+            sample_target = recipe.inpaint_prediction == "sample"
+            target = latents if sample_target else diffusion_target(train_scheduler, latents, noise, t)
             return noise_loss(pred, target, t, train_scheduler, recipe.snr_gamma, recipe.inpaint_prediction)
 
         _fit(unet, loss, recipe.inpaint_steps, recipe.lr["unet"], progress)
     return unet.to(memory_format=torch.contiguous_format), scheduler
-
-
-def _ddpm():
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(**SD_SCHEDULE)

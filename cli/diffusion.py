@@ -44,9 +44,9 @@ def build(configs: list[str], extra: list[str] = ()) -> tuple[Any, Any, dict[str
     args = [a for c in configs for a in ("-c", c)]
     args += ["--trainer.logger", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "1", *extra]
     cli = build_cli(args)
-    from lightning_modules.diffusion.base import ConceptDiffusionModule
+    from lightning_modules.diffusion.base import TextToImageModule
 
-    if not isinstance(cli.model, ConceptDiffusionModule):
+    if not isinstance(cli.model, TextToImageModule):
         raise ConfigError(f"model: {type(cli.model).__name__} is not a text-to-image method")
     return cli.model, cli.datamodule, run_settings(cli.config)
 
@@ -123,7 +123,7 @@ def _save_png(image: torch.Tensor, path: Path, option: str) -> None:
 
 def sample(argv: list[str]) -> None:
     """`lifelong sample`: images for prompts, routed to a concept (or composed from several), as PNGs."""
-    parser = _parser("lifelong sample", "Sample images from a trained concept model.")
+    parser = _parser("lifelong sample", "Sample images from a trained text-to-image model (concepts or rewards).")
     parser.add_argument("--ckpt_path", type=str | None, default=None)
     parser.add_argument("--delta", type=str | None, default=None)
     parser.add_argument("--prompt", action="append", required=True, help='"{}" becomes "<token> <class>"')
@@ -146,6 +146,10 @@ def sample(argv: list[str]) -> None:
         load_weights(model, cfg.ckpt_path, cfg.delta, settings)
         model.eval()
         stream = model.stream
+        from lightning_modules.diffusion.base import ConceptDiffusionModule
+
+        if (cfg.concept or cfg.mask) and not isinstance(model, ConceptDiffusionModule):
+            raise ConfigError(f"--concept / --mask: {type(model).__name__} learns no concepts; leave them off")
         indices = [_concept_index(datamodule, c) for c in cfg.concept]
         settings = dict(num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, eta=cfg.eta)
         if cfg.mask:
@@ -185,14 +189,14 @@ def _compose(model, stream, indices: list[int], cfg, settings: dict) -> torch.Te
 
 def write_export(model, out: str, dtype: str = "float32", option: str = "--out") -> dict[str, torch.Tensor]:
     """Writes `model.export_state_dict` (floating tensors as `dtype`) to the safetensors file `out`, with the
-    method, concepts, tokens and base model as metadata; returns the tensors written."""
+    method, its `export_metadata` (concepts and tokens, or rewards) and base model as metadata; returns the
+    tensors written."""
     from safetensors.torch import save_file
 
     delta = model.export_state_dict(getattr(torch, dtype))
     metadata = {
         "method": type(model).__name__,
-        "concepts": json.dumps(list(model.stream.task_names)),
-        "tokens": json.dumps(list(model.stream.tokens)),
+        **model.export_metadata(),
         "base": str(model.hparams.pretrained_model_name_or_path),
         "dtype": dtype,
     }
@@ -225,6 +229,28 @@ def write_diffusers_export(model, out: str, dtype: str = "float32", option: str 
     return manifest
 
 
+def write_merged_unet(model, out: str, manifest: dict[str, Any], dtype: str = "float32") -> dict[str, Any]:
+    """Writes `out`/unet (the UNet with its adapters folded in, staged and renamed into place) and adds it to
+    the manifest in export.json; returns the manifest."""
+    import shutil
+    import tempfile
+
+    from lightning_modules.nn.diffusion.diffusers_export import MANIFEST
+
+    target = Path(out) / "unet"
+    staging = Path(tempfile.mkdtemp(prefix=".unet-", dir=out))
+    try:
+        model.save_merged_unet(str(staging), getattr(torch, dtype))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    manifest = {**manifest, "merged_unet": "unet", "files": sorted({*manifest["files"], "unet"})}
+    atomic_write_text(Path(out) / MANIFEST, json.dumps(manifest, indent=2) + "\n", "--out")
+    return manifest
+
+
 def export(argv: list[str]) -> None:
     """`lifelong export`: the method's delta (experts, routers, token rows, ...) as safetensors (`--format delta`),
     or a folder of files a stock diffusers pipeline loads (`--format diffusers`)."""
@@ -246,6 +272,12 @@ def export(argv: list[str]) -> None:
     parser.add_argument(
         "--dtype", type=Literal["float32", "float16", "bfloat16"], default="float32", help="floating tensors' type"
     )
+    parser.add_argument(
+        "--merged_unet",
+        type=bool,
+        default=False,
+        help="diffusers: also write unet/, the UNet with the adapters folded in (methods with save_merged_unet)",
+    )
     try:
         cfg = parse_args(parser, argv)
         if cfg.format == "diffusers":
@@ -255,7 +287,11 @@ def export(argv: list[str]) -> None:
         model, _, settings = build(cfg.config, cfg.set)
         load_weights(model, cfg.ckpt_path, None, settings)
         if cfg.format == "diffusers":
+            if cfg.merged_unet and not callable(getattr(model, "save_merged_unet", None)):
+                raise ConfigError(f"--merged_unet: {type(model).__name__} has no merged UNet to write; leave it off")
             manifest = write_diffusers_export(model, cfg.out, cfg.dtype)
+            if cfg.merged_unet:
+                manifest = write_merged_unet(model, cfg.out, manifest, cfg.dtype)
         else:
             delta = write_export(model, cfg.out, cfg.dtype)
     except ConfigError as err:

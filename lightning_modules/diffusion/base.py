@@ -1,11 +1,14 @@
-"""`ConceptDiffusionModule`: what every lifelong concept-learning method shares.
+"""The text-to-image methods' common parents.
 
-It holds the frozen Stable Diffusion parts (a local diffusers folder or `tiny`), one new token per
-concept (`<new1>`, ...), the epsilon-prediction loss with Custom Diffusion's loss mask, DDIM sampling
-with classifier-free guidance, and the evaluation after each concept: images for every evaluation
-prompt, scored with CLIP-T (2.5 max(cos, 0) against the prompt without the token) and CLIP-I (mean
-cosine to the concept's real images). Checkpoints and exports hold only the method's delta (what
-`is_delta` names): the frozen base is rebuilt from `pretrained_model_name_or_path`.
+`TextToImageModule` holds what every text-to-image method shares: the frozen Stable Diffusion parts (a
+local diffusers folder, `tiny` or `tiny-pretrained`), DDIM sampling with classifier-free guidance through
+the stock pipeline, image grids in TensorBoard, and checkpoints and exports that hold only the method's
+delta (what `is_delta` names): the frozen base is rebuilt from `pretrained_model_name_or_path`.
+
+`ConceptDiffusionModule` adds what lifelong concept learning shares: one new token per concept (`<new1>`,
+...), the epsilon-prediction loss with Custom Diffusion's loss mask, and the evaluation after each concept:
+images for every evaluation prompt, scored with CLIP-T (2.5 max(cos, 0) against the prompt without the
+token) and CLIP-I (mean cosine to the concept's real images).
 
 Under DDP (`strategy: ddp_find_unused_parameters_true`) each rank trains on its shard of the batch with its
 own noise draws; the gradients of every parameter some concept trains are averaged (see `setup`). The
@@ -17,6 +20,7 @@ and draw no random numbers, so they agree.
 from __future__ import annotations
 
 import contextlib
+import json
 import zlib
 from typing import Any, Literal
 
@@ -29,37 +33,21 @@ from lightning_modules.base import ContinualModule
 from lightning_modules.nn.diffusion.loss import add_noise, diffusion_target, masked_mse
 
 
-class ConceptDiffusionModule(ContinualModule):
+class TextToImageModule(ContinualModule):
     """Args:
-    pretrained_model_name_or_path: a local diffusers Stable Diffusion folder, or `tiny` (random weights).
-    init_token_id: vocabulary id whose embedding initialises every concept token (42170, "ktn").
-    train_tokens: learn the current concept's token row (lr `token_lr`).
+    pretrained_model_name_or_path: a local diffusers Stable Diffusion folder, `tiny` (random weights) or
+        `tiny-pretrained` (the small base trained on the embedded data).
     gradient_checkpointing: recompute UNet activations in the backward pass (less memory, ~30% slower).
-    loss_reduction: how the masked squared error is reduced per sample: `channel_sum` (the released Custom
-        Diffusion / R2MoE code: summed over the 4 latent channels, averaged over the mask; 4x `mean`, which
-        scales the diffusion loss against the routing distillation and the effective learning rate) or `mean`.
-    clip_model: CLIP for the metrics: `tiny`, a local Hugging Face CLIP folder, or an open_clip file (+ clip_arch).
-    dino_model: DINO for the `dino_i` metric (the mean cosine of DINO CLS features to the concept's real
-        images, as CLIP-I): `tiny` (random weights), a local Hugging Face DINO ViT folder (e.g. a saved
-        facebook/dino-vits16, the protocol's ViT-S/16), or None to skip it.
-    eval_samples_per_prompt / eval_inference_steps / eval_guidance_scale / eval_eta / eval_seed: sampling
-        for the evaluation after each concept (the paper: 4 samples, 50 DDIM steps, CFG 6, eta 1).
-    log_images: write each concept's evaluation images to TensorBoard as a grid.
+    eval_inference_steps / eval_guidance_scale / eval_eta / eval_seed: DDIM sampling for the evaluation
+        after each task.
+    log_images: write each task's evaluation images to TensorBoard as a grid.
     """
 
     def __init__(
         self,
         stream=None,
         pretrained_model_name_or_path: str = "tiny",
-        init_token_id: int = 42170,
-        train_tokens: bool = True,
-        token_lr: float = 1e-3,
         gradient_checkpointing: bool = False,
-        loss_reduction: Literal["channel_sum", "mean"] = "channel_sum",
-        clip_model: str = "tiny",
-        clip_arch: str | None = None,
-        dino_model: str | None = None,
-        eval_samples_per_prompt: int = 4,
         eval_inference_steps: int = 50,
         eval_guidance_scale: float = 6.0,
         eval_eta: float = 1.0,
@@ -69,26 +57,11 @@ class ConceptDiffusionModule(ContinualModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
         super().__init__(stream, optimizer, lr_scheduler)
-        for name in ("tokens", "classes", "gate_prompts", "inference_gate_prompts", "resolution"):
-            if not hasattr(stream, name):
-                raise ConfigError("data: a text-to-image method needs a concept stream (datamodules.ConceptDataModule)")
-        from lightning_modules.nn.diffusion.clip_score import ClipScorer
         from lightning_modules.nn.diffusion.components import load_stable_diffusion
-        from lightning_modules.nn.diffusion.dino_score import DinoScorer
-        from lightning_modules.nn.diffusion.tokens import add_concept_tokens
 
         self.parts = load_stable_diffusion(pretrained_model_name_or_path)
-        self.concept_tokens = add_concept_tokens(
-            self.parts.tokenizer, self.parts.text_encoder, list(stream.tokens), init_token_id
-        )
         if gradient_checkpointing:
             self.parts.unet.enable_gradient_checkpointing()
-        self.clip = ClipScorer(clip_model, clip_arch)
-        self.dino = DinoScorer(dino_model) if dino_model is not None else None
-        self.train_tokens = train_tokens
-        self.loss_reduction = loss_reduction
-        self.token_lr = token_lr
-        self.eval_samples_per_prompt = eval_samples_per_prompt
         self.eval_inference_steps = eval_inference_steps
         self.eval_guidance_scale = eval_guidance_scale
         self.eval_eta = eval_eta
@@ -96,30 +69,10 @@ class ConceptDiffusionModule(ContinualModule):
         self.log_images = log_images
         self.strict_loading = False  # checkpoints hold the delta only
 
-    def setup(self, stage: str) -> None:
-        """Under DDP: every concept's token (and expert) is allocated up front and reaches the wrapper
-        (`ExpertFreezing.setup`); finished and future ones get no gradient, so DDP must look for unused
-        parameters (also the current token's row in a step whose captions on some rank lack the token)."""
-        super().setup(stage)
-        if stage == "fit":
-            self.require_find_unused_parameters(
-                "a text-to-image method trains the current concept's token (and expert) only"
-            )
-
-    # -- what belongs to whom -----------------------------------------------------------------
-    def task_parameters(self, task_id: int) -> list[nn.Parameter]:
-        """Parameters that belong to task `task_id` (the expert-freezing callback trains only the current
-        task's): here the concept's token row; methods with experts add theirs."""
-        return [self.concept_tokens.rows[task_id]] if self.train_tokens else []
-
-    def trainable_parameters(self) -> list[dict[str, Any]]:
-        """Optimizer groups of the current task (each group may carry its own lr / weight decay)."""
-        t = self.current_task
-        return [{"params": [self.concept_tokens.rows[t]], "lr": self.token_lr}] if self.train_tokens else []
-
+    # -- the delta: what checkpoints and exports hold -------------------------------------------
     def is_delta(self, name: str) -> bool:
         """Whether state-dict entry `name` is part of what this method learns (checkpoint, export)."""
-        return name.startswith("concept_tokens.rows.")
+        return False
 
     def delta_state_dict(self) -> dict[str, Tensor]:
         return {k: v for k, v in self.state_dict().items() if self.is_delta(k)}
@@ -130,22 +83,15 @@ class ConceptDiffusionModule(ContinualModule):
 
         return cast(self.delta_state_dict(), dtype)
 
+    def export_metadata(self) -> dict[str, str]:
+        """What `lifelong export` records beside the delta (besides the method, base and dtype)."""
+        return {"tasks": json.dumps(list(self.stream.task_names))}
+
     def save_diffusers(self, folder: str, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
         """Writes into `folder` what a stock diffusers `StableDiffusionPipeline` loads (`lifelong export --format
-        diffusers`) and returns its manifest: `concepts` (name, token, class, token_file) plus the UNet part's
-        files. Methods with such an export override it."""
+        diffusers`) and returns its manifest (the files and what each holds). Methods with such an export
+        override it."""
         raise ConfigError(f"--format diffusers: {type(self).__name__} has no diffusers export; use --format delta")
-
-    def save_diffusers_tokens(self, folder: str, task_ids, dtype: torch.dtype) -> list[dict[str, Any]]:
-        """Each concept's token row as a textual-inversion file; the manifest entries of those concepts."""
-        from lightning_modules.nn.diffusion.diffusers_export import save_token
-
-        stream, concepts = self.stream, []
-        for k in task_ids:
-            name, token = stream.task_names[k], stream.tokens[k]
-            file = save_token(folder, name, token, self.concept_tokens.rows[k], dtype)
-            concepts.append({"name": name, "token": token, "class": stream.classes[k], "token_file": file})
-        return concepts
 
     def missing_delta(self, state: dict[str, Tensor]) -> set[str]:
         """Entries of this method's delta that `state` lacks."""
@@ -180,6 +126,147 @@ class ConceptDiffusionModule(ContinualModule):
                 f"the checkpoint lacks {len(missing)} of this method's entries (e.g. {sorted(missing)[0]}): "
                 f"it was written by another method or settings; use the config it was trained with"
             )
+
+    # -- sampling ---------------------------------------------------------------------------
+    @property
+    def pipeline(self):
+        """diffusers' `StableDiffusionPipeline` over this module's parts with DDIM (built once, not saved)."""
+        pipe = self.__dict__.get("_pipeline")
+        if pipe is None:
+            from lightning_modules.nn.diffusion.sampling import stable_diffusion_pipeline
+
+            pipe = self.__dict__["_pipeline"] = stable_diffusion_pipeline(self.parts)
+        return pipe
+
+    def _sample(self, cond, uncond, size, seed, num_inference_steps, guidance_scale, eta) -> Tensor:
+        """DDIM (with CFG if guidance_scale > 1) from seeded CPU noise through the stock pipeline, the
+        caller's routing held around it; decoded by the suite. Unset settings take the evaluation's."""
+        latents = self.pipeline(
+            prompt_embeds=cond,
+            negative_prompt_embeds=uncond.expand(cond.shape[0], -1, -1),
+            height=size * self.parts.vae_scale_factor,
+            width=size * self.parts.vae_scale_factor,
+            num_inference_steps=num_inference_steps or self.eval_inference_steps,
+            guidance_scale=self.eval_guidance_scale if guidance_scale is None else guidance_scale,
+            eta=self.eval_eta if eta is None else eta,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="latent",
+        ).images
+        return self.parts.decode_latents(latents)
+
+    def _log_grid(self, images: Tensor, task_id: int) -> None:
+        logger = self.logger
+        if logger is None or not hasattr(logger.experiment, "add_images") or self.global_rank != 0:
+            return
+        name = self.stream.task_names[task_id]
+        logger.experiment.add_images(f"samples/{name}", images.float().cpu(), global_step=self.global_step)
+
+
+class ConceptDiffusionModule(TextToImageModule):
+    """Args (besides `TextToImageModule`'s; the paper's evaluation sampling: 4 samples, 50 DDIM steps, CFG 6,
+    eta 1):
+    init_token_id: vocabulary id whose embedding initialises every concept token (42170, "ktn").
+    train_tokens: learn the current concept's token row (lr `token_lr`).
+    loss_reduction: how the masked squared error is reduced per sample: `channel_sum` (the released Custom
+        Diffusion / R2MoE code: summed over the 4 latent channels, averaged over the mask; 4x `mean`, which
+        scales the diffusion loss against the routing distillation and the effective learning rate) or `mean`.
+    clip_model: CLIP for the metrics: `tiny`, a local Hugging Face CLIP folder, or an open_clip file (+ clip_arch).
+    dino_model: DINO for the `dino_i` metric (the mean cosine of DINO CLS features to the concept's real
+        images, as CLIP-I): `tiny` (random weights), a local Hugging Face DINO ViT folder (e.g. a saved
+        facebook/dino-vits16, the protocol's ViT-S/16), or None to skip it.
+    eval_samples_per_prompt: images generated per evaluation prompt.
+    """
+
+    def __init__(
+        self,
+        stream=None,
+        pretrained_model_name_or_path: str = "tiny",
+        init_token_id: int = 42170,
+        train_tokens: bool = True,
+        token_lr: float = 1e-3,
+        gradient_checkpointing: bool = False,
+        loss_reduction: Literal["channel_sum", "mean"] = "channel_sum",
+        clip_model: str = "tiny",
+        clip_arch: str | None = None,
+        dino_model: str | None = None,
+        eval_samples_per_prompt: int = 4,
+        eval_inference_steps: int = 50,
+        eval_guidance_scale: float = 6.0,
+        eval_eta: float = 1.0,
+        eval_seed: int = 42,
+        log_images: bool = True,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ):
+        for name in ("tokens", "classes", "gate_prompts", "inference_gate_prompts", "resolution"):
+            if stream is not None and not hasattr(stream, name):
+                raise ConfigError(
+                    "data: a concept-learning method needs a concept stream (datamodules.ConceptDataModule)"
+                )
+        super().__init__(
+            stream,
+            pretrained_model_name_or_path,
+            gradient_checkpointing,
+            eval_inference_steps,
+            eval_guidance_scale,
+            eval_eta,
+            eval_seed,
+            log_images,
+            optimizer,
+            lr_scheduler,
+        )
+        from lightning_modules.nn.diffusion.clip_score import ClipScorer
+        from lightning_modules.nn.diffusion.dino_score import DinoScorer
+        from lightning_modules.nn.diffusion.tokens import add_concept_tokens
+
+        self.concept_tokens = add_concept_tokens(
+            self.parts.tokenizer, self.parts.text_encoder, list(stream.tokens), init_token_id
+        )
+        self.clip = ClipScorer(clip_model, clip_arch)
+        self.dino = DinoScorer(dino_model) if dino_model is not None else None
+        self.train_tokens = train_tokens
+        self.loss_reduction = loss_reduction
+        self.token_lr = token_lr
+        self.eval_samples_per_prompt = eval_samples_per_prompt
+
+    def setup(self, stage: str) -> None:
+        """Under DDP: every concept's token (and expert) is allocated up front and reaches the wrapper
+        (`ExpertFreezing.setup`); finished and future ones get no gradient, so DDP must look for unused
+        parameters (also the current token's row in a step whose captions on some rank lack the token)."""
+        super().setup(stage)
+        if stage == "fit":
+            self.require_find_unused_parameters(
+                "a text-to-image method trains the current concept's token (and expert) only"
+            )
+
+    # -- what belongs to whom -----------------------------------------------------------------
+    def task_parameters(self, task_id: int) -> list[nn.Parameter]:
+        """Parameters that belong to task `task_id` (the expert-freezing callback trains only the current
+        task's): here the concept's token row; methods with experts add theirs."""
+        return [self.concept_tokens.rows[task_id]] if self.train_tokens else []
+
+    def trainable_parameters(self) -> list[dict[str, Any]]:
+        """Optimizer groups of the current task (each group may carry its own lr / weight decay)."""
+        t = self.current_task
+        return [{"params": [self.concept_tokens.rows[t]], "lr": self.token_lr}] if self.train_tokens else []
+
+    def is_delta(self, name: str) -> bool:
+        """Whether state-dict entry `name` is part of what this method learns (checkpoint, export)."""
+        return name.startswith("concept_tokens.rows.")
+
+    def export_metadata(self) -> dict[str, str]:
+        return {"concepts": json.dumps(list(self.stream.task_names)), "tokens": json.dumps(list(self.stream.tokens))}
+
+    def save_diffusers_tokens(self, folder: str, task_ids, dtype: torch.dtype) -> list[dict[str, Any]]:
+        """Each concept's token row as a textual-inversion file; the manifest entries of those concepts."""
+        from lightning_modules.nn.diffusion.diffusers_export import save_token
+
+        stream, concepts = self.stream, []
+        for k in task_ids:
+            name, token = stream.task_names[k], stream.tokens[k]
+            file = save_token(folder, name, token, self.concept_tokens.rows[k], dtype)
+            concepts.append({"name": name, "token": token, "class": stream.classes[k], "token_file": file})
+        return concepts
 
     # -- routing hooks (methods with adapters override) ------------------------------------------
     def train_routing(self) -> contextlib.AbstractContextManager:
@@ -262,32 +349,6 @@ class ConceptDiffusionModule(ContinualModule):
         with self.sample_routing(len(prompts), gate_prompts, guided=guidance_scale > 1):
             return self._sample(cond, uncond, size, seed, num_inference_steps, guidance_scale, eta)
 
-    @property
-    def pipeline(self):
-        """diffusers' `StableDiffusionPipeline` over this module's parts with DDIM (built once, not saved)."""
-        pipe = self.__dict__.get("_pipeline")
-        if pipe is None:
-            from lightning_modules.nn.diffusion.sampling import stable_diffusion_pipeline
-
-            pipe = self.__dict__["_pipeline"] = stable_diffusion_pipeline(self.parts)
-        return pipe
-
-    def _sample(self, cond, uncond, size, seed, num_inference_steps, guidance_scale, eta) -> Tensor:
-        """DDIM (with CFG if guidance_scale > 1) from seeded CPU noise through the stock pipeline, the
-        caller's routing held around it; decoded by the suite. Unset settings take the evaluation's."""
-        latents = self.pipeline(
-            prompt_embeds=cond,
-            negative_prompt_embeds=uncond.expand(cond.shape[0], -1, -1),
-            height=size * self.parts.vae_scale_factor,
-            width=size * self.parts.vae_scale_factor,
-            num_inference_steps=num_inference_steps or self.eval_inference_steps,
-            guidance_scale=self.eval_guidance_scale if guidance_scale is None else guidance_scale,
-            eta=self.eval_eta if eta is None else eta,
-            generator=torch.Generator().manual_seed(seed),
-            output_type="latent",
-        ).images
-        return self.parts.decode_latents(latents)
-
     @torch.no_grad()
     def compose(
         self,
@@ -353,13 +414,6 @@ class ConceptDiffusionModule(ContinualModule):
         if self.dino is not None:
             scores["dino_i"] = self.dino.dino_i(images, batch["reference"][0])
         return scores
-
-    def _log_grid(self, images: Tensor, task_id: int) -> None:
-        logger = self.logger
-        if logger is None or not hasattr(logger.experiment, "add_images") or self.global_rank != 0:
-            return
-        name = self.stream.task_names[task_id]
-        logger.experiment.add_images(f"samples/{name}", images.float().cpu(), global_step=self.global_step)
 
 
 def batch_idx_is_first(batch: dict[str, Any]) -> bool:

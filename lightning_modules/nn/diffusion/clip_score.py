@@ -175,6 +175,10 @@ class ClipScorer(FrozenScorer):
     @torch.no_grad()
     def embed_images(self, images: Tensor) -> Tensor:
         """L2-normalised float32 image embeddings, B x D."""
+        return self.image_features(images)
+
+    def image_features(self, images: Tensor) -> Tensor:
+        """`embed_images` with gradients to the images (a CLIP-based reward differentiates through it)."""
         pixels = self.preprocess(images).to(device=self.device, dtype=self.dtype)
         if self.backend == "hf":
             feats = clip_features(self.model.get_image_features(pixel_values=pixels))

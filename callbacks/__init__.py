@@ -3,14 +3,18 @@
 from callbacks.base import ContinualCallback
 from callbacks.checkpoint import ContinualCheckpoint
 from callbacks.continual_metrics import ContinualMetrics, summarize
+from callbacks.ema_teacher import EMATeacher
 from callbacks.expert_freezing import ExpertFreezing
+from callbacks.lora_merge import LoRAMerge
 from callbacks.task_switch import TaskSwitch
 
 __all__ = [
     "ContinualCallback",
     "ContinualCheckpoint",
     "ContinualMetrics",
+    "EMATeacher",
     "ExpertFreezing",
+    "LoRAMerge",
     "TaskSwitch",
     "summarize",
 ]

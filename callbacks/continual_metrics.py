@@ -106,6 +106,20 @@ def summarize(matrix: Matrix, untrained: list[float] | None = None, seen_all: bo
     return out
 
 
+def normalised_matrix(matrix: Matrix, untrained: list[float]) -> Matrix:
+    """Each column j rescaled to (R[i][j] - u_j) / (best_j - u_j): 0 is the untrained model's score u_j and 1
+    the best score task j reached in any filled row. A column that never rose above u_j has no scale and
+    stays None (its summaries then too)."""
+    out: Matrix = [list(row) for row in matrix]
+    for j, base in enumerate(untrained):
+        column = [row[j] for row in matrix if row[j] is not None]
+        best = max(column, default=None)
+        scale = None if best is None or base is None or best - base <= 1e-12 else best - base
+        for row in out:
+            row[j] = None if scale is None or row[j] is None else (row[j] - base) / scale
+    return out
+
+
 def held_curve(curve: Curve) -> list[float]:
     """The curve's scores with every point from the (earliest) peak on set to the peak value."""
     scores = [float(score) for _, score in sorted(curve, key=lambda point: point[0])]
@@ -158,6 +172,9 @@ class ContinualMetrics(ContinualCallback):
         primary metric. The summary's `fwt` then follows LIBERO (see `libero_summary`; the JSON says
         `"fwt_definition": "libero"`) and gains `nbt` and `auc`. None: off. In `steps_per_task` mode
         a task is one epoch, so its curve has two points.
+    normalise: metrics also reported normalised per task (`normalised_matrix`: 0 = the untrained model, 1 = the
+        best score the task reached), as `<metric>_normalised` with its own summary, so that forgetting is
+        comparable across tasks whose scores have different scales (the reward family's rewards).
     keep_best: with `curve_every`, end each task with the weights of its best curve point (strictly
         greater wins, so the earliest best is kept), put back before the module's `on_task_end`.
         What is kept is `pl_module.state_to_keep()` if the module defines it (a dict of tensors keyed
@@ -171,6 +188,7 @@ class ContinualMetrics(ContinualCallback):
         print_tables: bool = True,
         curve_every: int | None = None,
         keep_best: bool = False,
+        normalise: list[str] | None = None,
     ):
         if curve_every is not None and curve_every < 1:
             raise ConfigError(
@@ -183,6 +201,7 @@ class ContinualMetrics(ContinualCallback):
         self.print_tables = print_tables
         self.curve_every = curve_every
         self.keep_best = keep_best
+        self.normalise = list(normalise or [])
         self.matrix: dict[str, Matrix] = {}
         self.untrained: dict[str, list[float]] = {}
         self.task_names: list[str] = []
@@ -321,6 +340,15 @@ class ContinualMetrics(ContinualCallback):
             }
             for name, mat in self.matrix.items()
         }
+        for name in self.normalise:
+            if name in self.matrix and self.untrained.get(name) is not None:
+                normalised = normalised_matrix(self.matrix[name], self.untrained[name])
+                per_metric[f"{name}_normalised"] = {
+                    "matrix": normalised,
+                    "untrained": [0.0] * len(normalised),
+                    "summary": summarize(normalised, None, self.trained_on_all),
+                    "fwt_definition": "lopez-paz",
+                }
         payload = {
             "metric": primary,
             "scale": self.scale,

@@ -4,6 +4,7 @@ from datamodules.base import ClassIncrementalDataModule, ContinualDataModule, Ta
 from datamodules.cifar import SplitCIFAR10, SplitCIFAR100
 from datamodules.concepts import ConceptDataModule, ConceptStream
 from datamodules.image_folder import SplitImageFolder
+from datamodules.rewards import RewardDataModule, RewardStream
 from datamodules.robot import RobotDataModule
 from datamodules.split_digits import SplitDigits
 from datamodules.tiny_imagenet import SplitTinyImageNet
@@ -14,6 +15,8 @@ __all__ = [
     "ConceptDataModule",
     "ConceptStream",
     "ContinualDataModule",
+    "RewardDataModule",
+    "RewardStream",
     "RobotDataModule",
     "SplitCIFAR10",
     "SplitCIFAR100",

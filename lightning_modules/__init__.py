@@ -14,7 +14,19 @@ from lightning_modules.classification import (
     LwF,
     ReplayModule,
 )
-from lightning_modules.diffusion import ConceptDiffusionModule, CustomDiffusion, R2MoE, SequentialLoRA
+from lightning_modules.diffusion import (
+    RID,
+    ConceptDiffusionModule,
+    CustomDiffusion,
+    JointReward,
+    LoRAGroup,
+    R2MoE,
+    RewardDistillation,
+    RewardTuningModule,
+    SequentialLoRA,
+    SequentialReward,
+    TextToImageModule,
+)
 from lightning_modules.robot import (
     DMPEL,
     L2M,
@@ -30,6 +42,7 @@ from lightning_modules.robot import (
 __all__ = [
     "DER",
     "DMPEL",
+    "RID",
     "ER",
     "EWC",
     "ClassIncrementalModule",
@@ -41,16 +54,22 @@ __all__ = [
     "ICaRL",
     "IsCiL",
     "Joint",
+    "JointReward",
     "L2M",
     "LMSRR",
+    "LoRAGroup",
     "LwF",
     "PackNet",
     "R2MoE",
     "ReplayModule",
+    "RewardDistillation",
+    "RewardTuningModule",
     "RobotER",
     "RobotEWC",
     "RobotImitationModule",
     "Sequential",
     "SequentialLoRA",
+    "SequentialReward",
     "TAIL",
+    "TextToImageModule",
 ]

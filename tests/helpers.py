@@ -94,3 +94,31 @@ class RecordConceptRun(ContinualCallback):
             json.dump(self.prompts, f)
         delta = {k: v.detach().clone() for k, v in pl_module.delta_state_dict().items()}
         torch.save(delta, os.path.join(self.out_dir, f"delta_rank{rank}.pt"))
+
+
+class RecordTaskEnds(ContinualCallback):
+    """Saves the module's delta at every task end, and the EMA teacher's weights (if one runs) after the first
+    optimizer step of every task after the first, per rank."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self._pending: int | None = None
+
+    def on_task_end(self, trainer, pl_module, task_id: int) -> None:
+        os.makedirs(self.out_dir, exist_ok=True)
+        delta = {k: v.detach().clone() for k, v in pl_module.delta_state_dict().items()}
+        torch.save(delta, os.path.join(self.out_dir, f"delta_task{task_id}_rank{trainer.global_rank}.pt"))
+
+    def on_task_start(self, trainer, pl_module, task_id: int) -> None:
+        self._pending = task_id if task_id > 0 else None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        from callbacks import EMATeacher
+
+        teachers = [cb for cb in trainer.callbacks if isinstance(cb, EMATeacher)]
+        if self._pending is None or not teachers:
+            return
+        os.makedirs(self.out_dir, exist_ok=True)
+        path = os.path.join(self.out_dir, f"teacher_task{self._pending}_rank{trainer.global_rank}.pt")
+        torch.save({k: v.detach().cpu() for k, v in teachers[0].weights.items()}, path)
+        self._pending = None

@@ -86,9 +86,21 @@ def loading_snippet(manifest: dict[str, Any], folder: str) -> list[str]:
     """Python lines that load the export described by `manifest` (written to `folder`) into a stock pipeline
     and sample the first concept as the suite's evaluation does (DDIM, eta 1, CFG 6). R2MoE's files are one
     LoRA per concept: load one concept at a time (`pipe.unload_lora_weights()` in between)."""
-    concepts, base = manifest["concepts"], manifest["base"]
+    base = manifest["base"]
     if base == "tiny":  # the random preset has no folder until written
         base = "<a folder written by lightning_modules.nn.diffusion.components.save_tiny>"
+    if "concepts" not in manifest:  # a LoRA alone (the reward methods), no token to load
+        return [
+            "import torch",
+            "from diffusers import DDIMScheduler, StableDiffusionPipeline",
+            f'pipe = StableDiffusionPipeline.from_pretrained("{base}", safety_checker=None)',
+            "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=False, steps_offset=1, "
+            "clip_sample=False)",
+            f'pipe.load_lora_weights("{folder}", weight_name="{manifest["lora"]}")',
+            f'image = pipe("{manifest["prompt"]}", num_inference_steps=50, guidance_scale=5.0, eta=1.0, '
+            "generator=torch.Generator().manual_seed(0)).images[0]",
+        ]
+    concepts = manifest["concepts"]
     first = concepts[0]
     if "lora" in manifest:  # one LoRA for every concept
         unet = [f'pipe.load_lora_weights("{folder}", weight_name="{manifest["lora"]}")']

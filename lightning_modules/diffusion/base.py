@@ -128,6 +128,37 @@ class TextToImageModule(ContinualModule):
             )
 
     # -- sampling ---------------------------------------------------------------------------
+    def encode_prompts(self, prompts: list[str]) -> Tensor:
+        return self.parts.encode_text(list(prompts))
+
+    def sample_routing(
+        self, batch_size: int, gate_prompts: list[str] | None, guided: bool = True
+    ) -> contextlib.AbstractContextManager:
+        """Context for the UNet calls on a CFG batch [uncond (B); cond (B)] while sampling (`guided`), or on
+        the conditional batch (B) alone (guidance_scale <= 1)."""
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        gate_prompts: list[str] | None = None,
+        seed: int = 0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        eta: float | None = None,
+        resolution: int | None = None,
+    ) -> Tensor:
+        """Images (B x 3 x H x W in [0, 1]) for `prompts` with the evaluation's DDIM sampling unless a setting is
+        given; `gate_prompts` name the concept(s) to route to (methods with routing). guidance_scale <= 1
+        samples without CFG (the conditional prediction alone), as diffusers does."""
+        size = (resolution or self.stream.resolution) // self.parts.vae_scale_factor
+        guidance_scale = self.eval_guidance_scale if guidance_scale is None else guidance_scale
+        cond = self.encode_prompts(prompts)
+        uncond = self.encode_prompts([""])
+        with self.sample_routing(len(prompts), gate_prompts, guided=guidance_scale > 1):
+            return self._sample(cond, uncond, size, seed, num_inference_steps, guidance_scale, eta)
+
     @property
     def pipeline(self):
         """diffusers' `StableDiffusionPipeline` over this module's parts with DDIM (built once, not saved)."""
@@ -273,13 +304,6 @@ class ConceptDiffusionModule(TextToImageModule):
         """Context for the UNet call of a training step."""
         return contextlib.nullcontext()
 
-    def sample_routing(
-        self, batch_size: int, gate_prompts: list[str] | None, guided: bool = True
-    ) -> contextlib.AbstractContextManager:
-        """Context for the UNet calls on a CFG batch [uncond (B); cond (B)] while sampling (`guided`), or on
-        the conditional batch (B) alone (guidance_scale <= 1)."""
-        return contextlib.nullcontext()
-
     def region_routing(
         self, gate_prompts: list[str], batch_size: int, guided: bool = True
     ) -> contextlib.AbstractContextManager:
@@ -306,9 +330,6 @@ class ConceptDiffusionModule(TextToImageModule):
         if routing is not None:
             routing.__exit__(None, None, None)
 
-    def encode_prompts(self, prompts: list[str]) -> Tensor:
-        return self.parts.encode_text(list(prompts))
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         parts = self.parts
         with torch.no_grad():
@@ -329,26 +350,6 @@ class ConceptDiffusionModule(TextToImageModule):
         return loss
 
     # -- sampling and evaluation --------------------------------------------------------------
-    @torch.no_grad()
-    def generate(
-        self,
-        prompts: list[str],
-        gate_prompts: list[str] | None = None,
-        seed: int = 0,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        eta: float | None = None,
-        resolution: int | None = None,
-    ) -> Tensor:
-        """Images (B x 3 x H x W in [0, 1]) for `prompts`; `gate_prompts` name the concept(s) to route to.
-        guidance_scale <= 1 samples without CFG (the conditional prediction alone), as diffusers does."""
-        size = (resolution or self.stream.resolution) // self.parts.vae_scale_factor
-        guidance_scale = self.eval_guidance_scale if guidance_scale is None else guidance_scale
-        cond = self.encode_prompts(prompts)
-        uncond = self.encode_prompts([""])
-        with self.sample_routing(len(prompts), gate_prompts, guided=guidance_scale > 1):
-            return self._sample(cond, uncond, size, seed, num_inference_steps, guidance_scale, eta)
-
     @torch.no_grad()
     def compose(
         self,

@@ -297,24 +297,6 @@ class RewardTuningModule(TextToImageModule):
         return loss
 
     # -- evaluation ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(
-        self,
-        prompts: list[str],
-        gate_prompts: list[str] | None = None,
-        seed: int = 0,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        eta: float | None = None,
-        resolution: int | None = None,
-    ) -> Tensor:
-        """Images (B x 3 x H x W in [0, 1]) for `prompts` with the evaluation's DDIM sampling unless a setting
-        is given; `gate_prompts` is there for the text-to-image methods' common signature (no routing here)."""
-        size = (resolution or self.stream.resolution) // self.parts.vae_scale_factor
-        cond = self.parts.encode_text(list(prompts))
-        uncond = self.parts.encode_text([""])
-        return self._sample(cond, uncond, size, seed, num_inference_steps, guidance_scale, eta)
-
     def prompt_seed(self, prompt: str) -> int:
         return self.eval_seed + zlib.crc32(prompt.encode())
 

@@ -45,6 +45,13 @@ class RID(RewardTuningModule):
         self.distill_target = distill_target
         self._teacher: dict[str, Tensor] | None = None
 
+    def on_fit_start(self) -> None:
+        """The callbacks' `on_fit_start` ran first: EMATeacher has handed over its tensors by now."""
+        if self.distill_weight > 0 and self._teacher is None:
+            raise ConfigError(
+                f"{type(self).__name__} distils from an EMA teacher: add callbacks.EMATeacher to trainer.callbacks"
+            )
+
     # -- the EMA teacher's interface (callbacks.EMATeacher) ----------------------------------------
     def ema_parameters(self) -> dict[str, nn.Parameter]:
         """What the teacher averages: the adapter the current reward trains (the rest is shared and frozen)."""

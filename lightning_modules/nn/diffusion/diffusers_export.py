@@ -84,25 +84,15 @@ def lora_config(ranks: dict[str, int]) -> dict[str, Any]:
 
 def loading_snippet(manifest: dict[str, Any], folder: str) -> list[str]:
     """Python lines that load the export described by `manifest` (written to `folder`) into a stock pipeline
-    and sample the first concept as the suite's evaluation does (DDIM, eta 1, CFG 6). R2MoE's files are one
-    LoRA per concept: load one concept at a time (`pipe.unload_lora_weights()` in between)."""
+    and sample as the suite's evaluation does (DDIM, eta 1): the first concept (CFG 6), or a reward export's
+    first evaluation prompt (CFG 5). R2MoE's files are one LoRA per concept: load one concept at a time
+    (`pipe.unload_lora_weights()` in between)."""
     base = manifest["base"]
     if base == "tiny":  # the random preset has no folder until written
         base = "<a folder written by lightning_modules.nn.diffusion.components.save_tiny>"
-    if "concepts" not in manifest:  # a LoRA alone (the reward methods), no token to load
-        return [
-            "import torch",
-            "from diffusers import DDIMScheduler, StableDiffusionPipeline",
-            f'pipe = StableDiffusionPipeline.from_pretrained("{base}", safety_checker=None)',
-            "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=False, steps_offset=1, "
-            "clip_sample=False)",
-            f'pipe.load_lora_weights("{folder}", weight_name="{manifest["lora"]}")',
-            f'image = pipe("{manifest["prompt"]}", num_inference_steps=50, guidance_scale=5.0, eta=1.0, '
-            "generator=torch.Generator().manual_seed(0)).images[0]",
-        ]
-    concepts = manifest["concepts"]
-    first = concepts[0]
-    if "lora" in manifest:  # one LoRA for every concept
+    concepts = manifest.get("concepts", [])  # none for the reward methods: a LoRA alone
+    first = concepts[0] if concepts else {}
+    if "lora" in manifest:  # one LoRA for every concept (or reward)
         unet = [f'pipe.load_lora_weights("{folder}", weight_name="{manifest["lora"]}")']
     elif "unet_kv" in manifest:
         path = f"{folder}/{manifest['unet_kv']}"
@@ -113,7 +103,8 @@ def loading_snippet(manifest: dict[str, Any], folder: str) -> list[str]:
     else:
         unet = [f'pipe.load_lora_weights("{folder}", weight_name="{first["lora"]}")'] if first.get("lora") else []
         concepts = [first]
-    prompt = f"photo of a {first['token']} {first['class']}"
+    prompt = f"photo of a {first['token']} {first['class']}" if first else manifest["prompt"]
+    guidance = 6.0 if first else 5.0  # the concept evaluations' CFG, the reward evaluations'
     return [
         "import torch",
         "from diffusers import DDIMScheduler, StableDiffusionPipeline",
@@ -122,6 +113,6 @@ def loading_snippet(manifest: dict[str, Any], folder: str) -> list[str]:
         "clip_sample=False)",
         *unet,
         *(f'pipe.load_textual_inversion("{folder}/{c["token_file"]}")' for c in concepts),
-        f'image = pipe("{prompt}", num_inference_steps=50, guidance_scale=6.0, eta=1.0, '
+        f'image = pipe("{prompt}", num_inference_steps=50, guidance_scale={guidance}, eta=1.0, '
         "generator=torch.Generator().manual_seed(0)).images[0]",
     ]

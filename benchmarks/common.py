@@ -86,7 +86,35 @@ def table_parser(
     return parser
 
 
+def mean_matrix(rows: list[dict], metric: str) -> list[list[float | None]]:
+    """The element-wise mean over runs of metric `metric`'s matrix (None where the runs have none)."""
+    mats = [r["metrics"][metric]["matrix"] for r in rows]
+    n = len(mats[0])
+    return [
+        [None if mats[0][i][j] is None else statistics.mean(m[i][j] for m in mats) for j in range(n)] for i in range(n)
+    ]
+
+
 def markdown_table(corner: str, header: list[str], rows: dict[str, list[str]]) -> list[str]:
     """The lines of a markdown table: `corner` over the row names, `header` over the columns."""
     lines = ["| " + " | ".join([corner, *header]) + " |", "|---|" + "---|" * len(header)]
     return lines + ["| " + " | ".join([name, *cells]) + " |" for name, cells in rows.items()]
+
+
+def print_table(table: dict[str, dict[str, str]]) -> list[str]:
+    """Prints a {row name: {column: cell}} table as " | "-separated lines; returns its header."""
+    header = list(next(iter(table.values())))
+    print(" | ".join(["method", *header]))
+    for name, cells in table.items():
+        print(" | ".join([name, *cells.values()]))
+    return header
+
+
+def matrix_sections(runs: dict[str, list[dict]], names: dict[str, str], tasks: list[str], metric: str, digits: int):
+    """Markdown lines: per method (`names[m]`), the mean over its runs of metric `metric`'s matrix."""
+    lines = []
+    for m, rows in runs.items():
+        mat = mean_matrix(rows, metric)
+        cells = {tasks[i]: ["-" if v is None else f"{v:.{digits}f}" for v in row] for i, row in enumerate(mat)}
+        lines += [f"{names[m]}:", "", *markdown_table("after \\ on", tasks, cells), ""]
+    return lines

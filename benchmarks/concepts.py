@@ -13,13 +13,21 @@ and CLIP-T matrices (mean over seeds), the final averages, forgetting and storag
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import ROOT, fit_run, fmt, markdown_table, run_jobs, table_parser  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    ROOT,
+    fit_run,
+    fmt,
+    markdown_table,
+    matrix_sections,
+    print_table,
+    run_jobs,
+    table_parser,
+)
 
 METHODS = ["r2moe", "custom_diffusion", "sequential_lora"]
 NAMES = {"r2moe": "R2MoE", "custom_diffusion": "Custom Diffusion", "sequential_lora": "Sequential LoRA"}
@@ -70,14 +78,6 @@ def run_one(method: str, seed: int, out: str) -> None:
     Path(out).write_text(json.dumps(row, indent=2))
 
 
-def mean_matrix(rows: list[dict], metric: str) -> list[list[float | None]]:
-    mats = [r["metrics"][metric]["matrix"] for r in rows]
-    n = len(mats[0])
-    return [
-        [None if mats[0][i][j] is None else statistics.mean(m[i][j] for m in mats) for j in range(n)] for i in range(n)
-    ]
-
-
 def main() -> None:
     parser = table_parser(__doc__, METHODS, str(ROOT / "docs/results/concepts_tiny.md"))
     opts = parser.parse_args()
@@ -105,19 +105,8 @@ def main() -> None:
         cells["KB / concept"] = fmt([r["export_bytes"] / 1e3 / len(tasks) for r in rows], digits=1)
         cells["wall (s)"] = fmt([r["wall_s"] for r in rows], digits=0)
         table[NAMES[m]] = cells
-    header = list(next(iter(table.values())))
-    print(" | ".join(["method", *header]))
-    for name, cells in table.items():
-        print(" | ".join([name, *cells.values()]))
+    header = print_table(table)
     (ROOT / "benchmarks/out/concepts.json").write_text(json.dumps({"seeds": opts.seeds, "runs": runs}, indent=2))
-
-    def matrix_lines(metric: str) -> list[str]:
-        lines = []
-        for m, rows in runs.items():
-            mat = mean_matrix(rows, metric)
-            cells = {tasks[i]: ["-" if v is None else f"{v:.2f}" for v in row] for i, row in enumerate(mat)}
-            lines += [f"{NAMES[m]}:", "", *markdown_table("after \\ on", tasks, cells), ""]
-        return lines
 
     lines = [
         "# Concept learning on the small pretrained bases",
@@ -134,9 +123,9 @@ def main() -> None:
     ]
     lines += markdown_table("method", header, {name: list(cells.values()) for name, cells in table.items()})
     lines += ["", "## CLIP-I after each concept (rows) on each concept (columns), mean over seeds", ""]
-    lines += matrix_lines("clip_i")
+    lines += matrix_sections(runs, NAMES, tasks, "clip_i", 2)
     lines += ["## CLIP-T, the same layout", ""]
-    lines += matrix_lines("clip_t")
+    lines += matrix_sections(runs, NAMES, tasks, "clip_t", 2)
     lines += ["## Reading", "", *READING, ""]
     Path(opts.markdown).write_text("\n".join(lines))
 

@@ -22,6 +22,7 @@ CIFAR = "classification/er_cifar10.yaml"
 FOLDER = "classification/er_splitdigits.yaml"
 R2MOE = "diffusion/r2moe_concepts_tiny.yaml"
 ROBOT = "robot/er_cw3.yaml"
+RID = "diffusion/rid_rewards_tiny.yaml"
 ROBOT_FAST = (
     "--data.init_args.suite=null",
     "--data.init_args.tasks=[reach-v3]",
@@ -83,6 +84,15 @@ def torch_file(name: str, content) -> Callable[[Path, Path], None]:
         torch.save(content, folder / name)
 
     return prepare
+
+
+def aesthetic_head_file(path: Path, dim: int) -> None:
+    """LAION's aesthetic MLP for a `dim`-d CLIP embedding, saved under the released file's keys."""
+    import torch
+
+    from lightning_modules.nn.rewards.clip_rewards import aesthetic_head
+
+    torch.save({f"layers.{k}": v for k, v in aesthetic_head(dim).state_dict().items()}, path)
 
 
 def data(folder: Path, class_path: str, root: Path, *extra: str, **init_args) -> list[str]:
@@ -187,6 +197,10 @@ def delta(name: str, method: str) -> Callable[[Path, Path], None]:
 def concept_fit(folder: Path) -> list[str]:
     root = f"--data.init_args.root={folder / 'concepts'}"
     return fit_args(R2MOE, folder / "run", root, "--data.init_args.prior_preservation=false")
+
+
+def reward_fit(folder: Path, *extra: str) -> list[str]:
+    return fit_args(RID, folder / "run", *extra)
 
 
 def robot(*extra: str) -> Callable[[Path], list[str]]:
@@ -781,6 +795,41 @@ CASES = [
         lambda f: ["make-demos", "--tasks=[nope-v3]", "--out", str(f / "demos")],
         ("--tasks", "'nope-v3'"),
     ),
+    # -- the reward stream --------------------------------------------------------------------------------------
+    Case(
+        "an unknown reward",
+        lambda f: reward_fit(f, "--data.init_args.rewards=[beauty]"),
+        ("data.rewards[0].name", "unknown reward 'beauty'", "compressibility", "aesthetic"),
+    ),
+    Case(
+        "a reward prompt file that is empty",
+        lambda f: reward_fit(f, f"--data.init_args.rewards=[{{name: brightness, prompts: {f / 'p.txt'}}}]"),
+        ("data.rewards[0].prompts", "p.txt", "holds no prompt"),
+        write("p.txt", "\n \n"),
+    ),
+    Case(
+        "a reward prompt file that is missing",
+        lambda f: reward_fit(f, "--data.init_args.rewards=[{name: brightness, eval_prompts: nope.txt}]"),
+        ("data.rewards[0].eval_prompts", "'nope.txt'", "embedded prompt set", "digits"),
+    ),
+    Case(
+        "an unknown reward option",
+        lambda f: reward_fit(f, "--data.init_args.rewards=[{name: compressibility, options: {qualty: 90}}]"),
+        ("data.rewards[0].options", "'qualty'", "takes quality"),
+    ),
+    Case(
+        "an aesthetic head of the wrong shape",
+        lambda f: reward_fit(
+            f, "--data.init_args.rewards=[{name: aesthetic, options: {clip_model: tiny, head_weights: l14.pth}}]"
+        ),
+        ("aesthetic.options.head_weights", "l14.pth", "(1024, 768)", "head made for this CLIP"),
+        lambda f, t: aesthetic_head_file(f / "l14.pth", 768),
+    ),
+    Case(
+        "RID without its EMA teacher",
+        lambda f: reward_fit(f, "--trainer.callbacks=[]"),
+        ("RID distils from an EMA teacher", "callbacks.EMATeacher"),
+    ),
     # -- the small pretrained bases -------------------------------------------------------------------------
     Case(
         "pretrain-bases into a folder that cannot be made",
@@ -801,10 +850,10 @@ CASES = [
     Case(
         "a cached base that does not load",
         lambda f: ["pretrain-bases", "--cache", str(f / "cache"), "--models", "[clip]"],
-        ("bases-v2-seed0/clip", "does not load", "delete that folder", "pretrain-bases"),
+        ("bases-v3-seed0/clip", "does not load", "delete that folder", "pretrain-bases"),
         lambda f, t: (
-            write("cache/bases-v2-seed0/clip/lifelong_base.json", "{}")(f, t),
-            write("cache/bases-v2-seed0/clip/config.json", "not json")(f, t),
+            write("cache/bases-v3-seed0/clip/lifelong_base.json", "{}")(f, t),
+            write("cache/bases-v3-seed0/clip/config.json", "not json")(f, t),
         ),
     ),
 ]

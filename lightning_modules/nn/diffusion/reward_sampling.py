@@ -64,4 +64,3 @@ def ddim_with_truncated_grad(
                 prediction = uncond + guidance_scale * (cond - uncond)
             latents = scheduler.step(prediction, t, latents, eta=eta, generator=generator).prev_sample
     return latents, terms
-

@@ -47,12 +47,16 @@ class Recipe:
     clip_pool: int = 32768
     vae_pool: int = 8192
     latent_pool: int = 8192  # VAE-encoded training images the UNets draw from
-    snr_gamma: float = 5.0  # Min-SNR loss weighting of the UNets (Hang et al., 2023); 0: SD's plain MSE
+    snr_gamma: float = 5.0  # Min-SNR loss weighting of the text-to-image UNet (Hang et al., 2023); 0: plain MSE
     #: what the inpainting UNet predicts: "v_prediction" (SD 2's velocity: near the clean latents at high
     #: noise, so outside the mask close to a copy of the masked image's latents, and near the noise at low
     #: noise, so the last steps are exact; PSNR outside the mask 27.7 dB against 26.3 for "sample" and 24.4
     #: for SDXL's "epsilon", measured on the same base and data), "sample" or "epsilon"
     inpaint_prediction: str = "v_prediction"
+    #: the inpainting UNet's Min-SNR gamma: 0, plain velocity MSE, weights low-noise steps (which decide how
+    #: exactly the outside is kept) 1 + SNR times in clean-latent terms instead of gamma: PSNR inside the
+    #: mask 17.7 dB against 16.9 with gamma 5, outside 29.5 against 29.3 (same data and steps)
+    inpaint_snr_gamma: float = 0.0
     lr: dict = field(default_factory=lambda: {"classifier": 2e-3, "clip": 2e-3, "vae": 3e-3, "unet": 2e-3})
 
     def scaled(self, factor: float) -> Recipe:
@@ -481,7 +485,7 @@ def train_inpainting(
             pred = unet(sample, t, context, added_cond_kwargs=added).sample
             sample_target = recipe.inpaint_prediction == "sample"
             target = latents if sample_target else diffusion_target(train_scheduler, latents, noise, t)
-            return noise_loss(pred, target, t, train_scheduler, recipe.snr_gamma, recipe.inpaint_prediction)
+            return noise_loss(pred, target, t, train_scheduler, recipe.inpaint_snr_gamma, recipe.inpaint_prediction)
 
         _fit(unet, loss, recipe.inpaint_steps, recipe.lr["unet"], progress)
     return unet.to(memory_format=torch.contiguous_format), scheduler

@@ -1,10 +1,10 @@
 """Where the small pretrained bases live and how they are built: a cache folder (`LIFELONG_CACHE`, else
 `$XDG_CACHE_HOME/lifelong`, else `~/.cache/lifelong`) holding one complete folder per model:
 
-    <cache>/bases-v2-seed0/digit-classifier/   config.json + model.safetensors (huggingface_hub)
-    <cache>/bases-v2-seed0/clip/               a transformers CLIPModel folder with its tokenizer
-    <cache>/bases-v2-seed0/text-to-image/      a diffusers StableDiffusionPipeline folder
-    <cache>/bases-v2-seed0/inpainting/         a diffusers StableDiffusionXLInpaintPipeline folder
+    <cache>/bases-v3-seed0/digit-classifier/   config.json + model.safetensors (huggingface_hub)
+    <cache>/bases-v3-seed0/clip/               a transformers CLIPModel folder with its tokenizer
+    <cache>/bases-v3-seed0/text-to-image/      a diffusers StableDiffusionPipeline folder
+    <cache>/bases-v3-seed0/inpainting/         a diffusers StableDiffusionXLInpaintPipeline folder
 
 A model is built into a temporary folder beside its final place and renamed there when complete (with
 `lifelong_base.json` written last inside it), so a half-built model never counts as built; a lock file
@@ -27,7 +27,7 @@ from pathlib import Path
 from cli.errors import ConfigError
 
 PRESET = "tiny-pretrained"
-VERSION = 2  # the recipe's version: a changed recipe builds into a new folder, never over an old build
+VERSION = 3  # the recipe's version: a changed recipe builds into a new folder, never over an old build
 MODELS = ("digit-classifier", "clip", "text-to-image", "inpainting")
 MARKER = "lifelong_base.json"
 #: what each model needs built first (the text towers and the VAE are reused, not trained twice)

@@ -117,18 +117,16 @@ def step_costs(repeats: int = 12) -> dict:
     ema.reset(rid)
     prompts = {"prompt": list(dm.train_prompts(0)[:4])}
     times: dict[str, list[float]] = {"lora_group": [], "rid": [], "ema_update": [], "teacher_forward": []}
-    for model in (group, rid):
-        opt = torch.optim.AdamW(model.task_parameters(0), lr=1e-4)
-        model.train()
-        model._opt = opt
+    models = {"lora_group": group, "rid": rid}
+    optimizers = {name: torch.optim.AdamW(m.train().task_parameters(0), lr=1e-4) for name, m in models.items()}
     for k in range(repeats + 2):
-        for name, model in (("lora_group", group), ("rid", rid)):
+        for name, model in models.items():
             torch.manual_seed(k)
             start = time.perf_counter()
             loss = model.training_step(prompts, k)
-            model._opt.zero_grad()
+            optimizers[name].zero_grad()
             loss.backward()
-            model._opt.step()
+            optimizers[name].step()
             if name == "rid":
                 ema.update(rid)
             if k >= 2:
@@ -188,7 +186,7 @@ def rid_steps() -> int:
     return int(yaml.safe_load(config("rid").read_text())["model"]["init_args"]["train_inference_steps"])
 
 
-def peak_memory() -> dict:
+def backward_memory() -> dict:
     return {"k1_mb": saved_for_backward_mb(1), "all_mb": saved_for_backward_mb(None), "steps": rid_steps()}
 
 
@@ -210,7 +208,7 @@ def main() -> None:
     run_jobs(__file__, todo, OUT, opts.jobs)
     costs_path = ROOT / "benchmarks/out/rid_costs.json"
     if opts.costs_only or not (opts.report or opts.skip_costs):
-        costs = {"steps": step_costs(), "memory": peak_memory()}
+        costs = {"steps": step_costs(), "memory": backward_memory()}
         costs_path.write_text(json.dumps(costs, indent=2))
     costs = json.loads(costs_path.read_text()) if costs_path.exists() else None
 

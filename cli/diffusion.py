@@ -284,11 +284,13 @@ def export(argv: list[str]) -> None:
             check_output_folder(cfg.out, "--out")  # before the model is built
         else:
             check_output_file(cfg.out, "--out")
+        if cfg.merged_unet and cfg.format != "diffusers":
+            raise ConfigError("--merged_unet writes a diffusers UNet folder: add --format diffusers, or leave it off")
         model, _, settings = build(cfg.config, cfg.set)
+        if cfg.merged_unet and not callable(getattr(model, "save_merged_unet", None)):
+            raise ConfigError(f"--merged_unet: {type(model).__name__} has no merged UNet to write; leave it off")
         load_weights(model, cfg.ckpt_path, None, settings)
         if cfg.format == "diffusers":
-            if cfg.merged_unet and not callable(getattr(model, "save_merged_unet", None)):
-                raise ConfigError(f"--merged_unet: {type(model).__name__} has no merged UNet to write; leave it off")
             manifest = write_diffusers_export(model, cfg.out, cfg.dtype)
             if cfg.merged_unet:
                 manifest = write_merged_unet(model, cfg.out, manifest, cfg.dtype)

@@ -826,6 +826,19 @@ CASES = [
         lambda f, t: aesthetic_head_file(f / "l14.pth", 768),
     ),
     Case(
+        "export a merged UNet of a method without one",
+        lambda f: [
+            *("export", "-c", config(R2MOE), "--ckpt_path", str(f / "x.ckpt"), "--out", str(f / "out")),
+            *("--format=diffusers", "--merged_unet=true"),
+        ],
+        ("--merged_unet", "R2MoE has no merged UNet"),
+    ),
+    Case(
+        "export a merged UNet as a delta file",
+        lambda f: ["export", "-c", config(RID), "--ckpt_path", "x.ckpt", "--out", "d.st", "--merged_unet=true"],
+        ("--merged_unet", "--format diffusers"),
+    ),
+    Case(
         "RID without its EMA teacher",
         lambda f: reward_fit(f, "--trainer.callbacks=[]"),
         ("RID distils from an EMA teacher", "callbacks.EMATeacher"),

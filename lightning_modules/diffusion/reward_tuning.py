@@ -137,7 +137,7 @@ class RewardTuningModule(TextToImageModule):
             from lightning_modules.nn.bases.cache import load_digit_classifier
 
             self.judge = load_digit_classifier(digit_judge).requires_grad_(False)
-        self._base_images: dict[tuple[str, int], Tensor] = {}  # the base model's evaluation images, recomputed
+        self._base_images: dict[str, Tensor] = {}  # the base model's evaluation images per prompt, recomputed
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -167,15 +167,16 @@ class RewardTuningModule(TextToImageModule):
         return {"rewards": json.dumps([spec["name"] for spec in self.stream.rewards])}
 
     # -- merging (callbacks.LoRAMerge) and export ----------------------------------------------
-    def _lora_layers(self) -> list[nn.Module]:
+    def _lora_layers(self, unet: nn.Module | None = None) -> list[nn.Module]:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        return [m for m in self.parts.unet.modules() if isinstance(m, BaseTunerLayer)]
+        return [m for m in (unet or self.parts.unet).modules() if isinstance(m, BaseTunerLayer)]
 
-    def merge_adapters(self) -> None:
+    def merge_adapters(self, unet: nn.Module | None = None) -> None:
         """Folds every adapter into the UNet's weights (W + sum_i s B_i A_i): sampling then costs what the base
-        costs. A merged UNet ignores its adapters' tensors, so training must unmerge first."""
-        for layer in self._lora_layers():
+        costs. A merged UNet ignores its adapters' tensors, so training must unmerge first. `unet`: a copy of
+        this module's UNet to merge instead."""
+        for layer in self._lora_layers(unet):
             if not layer.merged:
                 layer.merge(adapter_names=self.adapter_names)
 
@@ -222,12 +223,9 @@ class RewardTuningModule(TextToImageModule):
         import copy
 
         from diffusers.utils.peft_utils import recurse_remove_peft_layers
-        from peft.tuners.tuners_utils import BaseTunerLayer
 
         unet = copy.deepcopy(self.parts.unet)
-        for layer in unet.modules():
-            if isinstance(layer, BaseTunerLayer) and not layer.merged:
-                layer.merge(adapter_names=self.adapter_names)
+        self.merge_adapters(unet)
         unet = recurse_remove_peft_layers(unet)
         unet.peft_config = {}
         unet._hf_peft_config_loaded = False
@@ -251,10 +249,10 @@ class RewardTuningModule(TextToImageModule):
 
     def context(self, prompts: list[str], guided: bool) -> Tensor:
         """The UNet's cross-attention context: [uncond; cond] with guidance, else cond."""
-        cond = self.parts.encode_text(list(prompts))
+        cond = self.encode_prompts(prompts)
         if not guided:
             return cond
-        return torch.cat([self.parts.encode_text([""]).expand_as(cond), cond])
+        return torch.cat([self.encode_prompts([""]).expand_as(cond), cond])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         prompts = list(batch["prompt"])
@@ -274,7 +272,7 @@ class RewardTuningModule(TextToImageModule):
             for name, value in self.step_losses(i, x, t, prediction, context).items():
                 collected.setdefault(name, []).append(value)
 
-        latents, _ = ddim_with_truncated_grad(
+        latents = ddim_with_truncated_grad(
             lambda x, t: unet(x, t, context).sample,
             scheduler,
             latents,
@@ -302,12 +300,11 @@ class RewardTuningModule(TextToImageModule):
 
     def base_images(self, prompt: str) -> Tensor:
         """The base model's (adapters off) evaluation images for `prompt`, made once per run."""
-        key = (prompt, self.eval_samples_per_prompt)
-        if key not in self._base_images:
+        if prompt not in self._base_images:
             with self.base_model():
                 images = self.generate([prompt] * self.eval_samples_per_prompt, seed=self.prompt_seed(prompt))
-            self._base_images[key] = images
-        return self._base_images[key]
+            self._base_images[prompt] = images
+        return self._base_images[prompt]
 
     @contextlib.contextmanager
     def base_model(self) -> Iterator[None]:

@@ -58,8 +58,11 @@ class RID(RewardTuningModule):
         return self.adapter_parameters(self.adapter_of(self.current_task))
 
     def set_ema_teacher(self, weights: dict[str, Tensor] | None) -> None:
-        """The callback hands over its averaged tensors (keyed as `ema_parameters`); read, never written here."""
-        self._teacher = weights
+        """The callback hands over its averaged tensors (keyed as `ema_parameters`); read, never written here.
+        They are kept under the UNet's own parameter names (the same tensors, which the callback updates in
+        place), as the teacher's forward swaps them into the UNet."""
+        prefix = "parts.unet."
+        self._teacher = None if weights is None else {k.removeprefix(prefix): v for k, v in weights.items()}
 
     def teacher_prediction(self, latents: Tensor, timestep: Tensor, context: Tensor) -> Tensor:
         """The UNet with the teacher's adapter weights in place of the student's (the same module, the
@@ -68,9 +71,7 @@ class RID(RewardTuningModule):
             raise ConfigError(
                 f"{type(self).__name__} distils from an EMA teacher: add callbacks.EMATeacher to trainer.callbacks"
             )
-        prefix = "parts.unet."
-        weights = {k.removeprefix(prefix): v for k, v in self._teacher.items()}
-        out = torch.func.functional_call(self.parts.unet, weights, (latents, timestep, context))
+        out = torch.func.functional_call(self.parts.unet, self._teacher, (latents, timestep, context))
         return out.sample
 
     def step_losses(self, step: int, latents: Tensor, timestep: Tensor, prediction: Tensor, context: Tensor) -> dict:

@@ -13,8 +13,9 @@ from torch import Tensor
 
 #: unet_call(latents (B' x C x h x w), timestep) -> the noise prediction on the UNet's input batch
 UNetCall = Callable[[Tensor, Tensor], Tensor]
-#: on_grad_step(step index, latents fed to the UNet (CFG batch), timestep, prediction (CFG batch)) -> loss term
-GradStepHook = Callable[[int, Tensor, Tensor, Tensor], Tensor | None]
+#: on_grad_step(step index, latents fed to the UNet (CFG batch), timestep, prediction (CFG batch)), e.g. to add
+#: a distillation term at the steps that train
+GradStepHook = Callable[[int, Tensor, Tensor, Tensor], None]
 
 
 def first_grad_step(
@@ -40,13 +41,12 @@ def ddim_with_truncated_grad(
     grad_from: int,
     generator: torch.Generator | None = None,
     on_grad_step: GradStepHook | None = None,
-) -> tuple[Tensor, list[Tensor]]:
+) -> Tensor:
     """Runs `scheduler` (a DDIM scheduler whose timesteps are set) from `latents`; steps with index >=
     `grad_from` keep the autograd graph (when grad is enabled at all). With guidance_scale > 1 the UNet sees
-    the CFG batch [latents; latents] (the caller's context is [uncond; cond]). Returns the final latents
-    and the terms `on_grad_step` returned (e.g. a distillation loss at the steps that train)."""
+    the CFG batch [latents; latents] (the caller's context is [uncond; cond]); `on_grad_step` sees every step
+    that keeps its graph. Returns the final latents."""
     guided = guidance_scale > 1
-    terms: list[Tensor] = []
     grad_enabled = torch.is_grad_enabled()
     for i, t in enumerate(scheduler.timesteps):
         with torch.set_grad_enabled(grad_enabled and i >= grad_from):
@@ -56,11 +56,9 @@ def ddim_with_truncated_grad(
             model_input = scheduler.scale_model_input(model_input, t)
             prediction = unet_call(model_input, t)
             if torch.is_grad_enabled() and on_grad_step is not None:
-                term = on_grad_step(i, model_input, t, prediction)
-                if term is not None:
-                    terms.append(term)
+                on_grad_step(i, model_input, t, prediction)
             if guided:
                 uncond, cond = prediction.chunk(2)
                 prediction = uncond + guidance_scale * (cond - uncond)
             latents = scheduler.step(prediction, t, latents, eta=eta, generator=generator).prev_sample
-    return latents, terms
+    return latents

@@ -21,9 +21,6 @@ class Reward(nn.Module):
     #: what the measured value is, for tables ("mean luma in [0, 1]", "kB", ...)
     unit: str = ""
 
-    def __init__(self) -> None:
-        super().__init__()
-
     def train(self, mode: bool = True) -> Reward:
         return super().train(False)  # a measuring instrument: dropout off, always
 

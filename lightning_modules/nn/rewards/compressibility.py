@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cli.errors import ConfigError
 from lightning_modules.nn.rewards.base import Reward
 
 # The example quantisation tables of the JPEG standard (ITU T.81, Annex K), luminance and chrominance.
@@ -109,8 +110,6 @@ class Compressibility(Reward):
     def __init__(self, quality: int = 95):
         super().__init__()
         if not 1 <= quality <= 100:
-            from cli.errors import ConfigError
-
             raise ConfigError(f"compressibility.options.quality must be in 1..100, got {quality}")
         self.quality = quality
 

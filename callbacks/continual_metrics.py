@@ -212,6 +212,13 @@ class ContinualMetrics(ContinualCallback):
         self._stage_metrics: dict[str, PerTaskMean] = {}
         #: the datamodule trains on every task's data from the start (`train_on: all`): all tasks count as seen
         self.trained_on_all = False
+        #: other callbacks' entries of the report (`add_to_report`), e.g. the data engine's counts per round
+        self.extra: dict[str, dict[str, Any]] = {}
+
+    def add_to_report(self, section: str, entry: str, value: Any) -> None:
+        """Puts `value` at `report()[section][entry]` (another callback's per-task figures, e.g. the data
+        engine's); kept in checkpoints and written with the next report."""
+        self.extra.setdefault(section, {})[entry] = value
 
     # -- fit: evaluate at task boundaries -----------------------------------------------------
     def on_task_start(self, trainer: L.Trainer, pl_module: L.LightningModule, task_id: int) -> None:
@@ -361,6 +368,8 @@ class ContinualMetrics(ContinualCallback):
         }
         if self._libero:
             payload["curves"] = {self.task_names[t]: self.curves[t] for t in sorted(self.curves)}
+        for section, entries in self.extra.items():
+            payload[section] = dict(entries)
         return payload
 
     def _log(self, trainer: L.Trainer, task_id: int) -> None:
@@ -453,6 +462,7 @@ class ContinualMetrics(ContinualCallback):
             "task_names": self.task_names,
             "curves": self.curves,
             "best": self.best,
+            "extra": self.extra,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -461,6 +471,7 @@ class ContinualMetrics(ContinualCallback):
         self.task_names = state_dict["task_names"]
         self.curves = {int(t): list(points) for t, points in state_dict.get("curves", {}).items()}
         self.best = state_dict.get("best")
+        self.extra = {k: dict(v) for k, v in state_dict.get("extra", {}).items()}
 
 
 def snapshot_state(pl_module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -36,18 +36,21 @@ def _parser(prog: str, description: str):
     return parser
 
 
-def build(configs: list[str], extra: list[str] = ()) -> tuple[Any, Any, dict[str, Any]]:
+def build(
+    configs: list[str], extra: list[str] = (), family: type | None = None, what: str = "a text-to-image method"
+) -> tuple[Any, Any, dict[str, Any]]:
     """(model, datamodule, settings) as `lifelong fit -c ...` would build them, on CPU, without training; the
-    settings are what a checkpoint loaded into the model must agree with (`cli.main.run_settings`)."""
+    settings are what a checkpoint loaded into the model must agree with (`cli.main.run_settings`). The model
+    must be a `family` (default: `TextToImageModule`), else one line says it is not `what`."""
     from cli.main import build_cli, run_settings
 
     args = [a for c in configs for a in ("-c", c)]
     args += ["--trainer.logger", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "1", *extra]
     cli = build_cli(args)
-    from lightning_modules.diffusion.base import TextToImageModule
-
-    if not isinstance(cli.model, TextToImageModule):
-        raise ConfigError(f"model: {type(cli.model).__name__} is not a text-to-image method")
+    if family is None:
+        from lightning_modules.diffusion.base import TextToImageModule as family
+    if not isinstance(cli.model, family):
+        raise ConfigError(f"model: {type(cli.model).__name__} is not {what}")
     return cli.model, cli.datamodule, run_settings(cli.config)
 
 

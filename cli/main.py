@@ -374,6 +374,7 @@ EXTRA_COMMANDS = {
     "make-reg": "cli.diffusion:make_reg",
     "make-demos": "cli.robot:make_demos",
     "pretrain-bases": "cli.bases:pretrain_bases",
+    "check-data": "cli.removal:check_data",
 }
 
 

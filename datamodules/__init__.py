@@ -4,6 +4,7 @@ from datamodules.base import ClassIncrementalDataModule, ContinualDataModule, Ta
 from datamodules.cifar import SplitCIFAR10, SplitCIFAR100
 from datamodules.concepts import ConceptDataModule, ConceptStream
 from datamodules.image_folder import SplitImageFolder
+from datamodules.removal import RemovalDataModule, RemovalStream
 from datamodules.rewards import RewardDataModule, RewardStream
 from datamodules.robot import RobotDataModule
 from datamodules.split_digits import SplitDigits
@@ -15,6 +16,8 @@ __all__ = [
     "ConceptDataModule",
     "ConceptStream",
     "ContinualDataModule",
+    "RemovalDataModule",
+    "RemovalStream",
     "RewardDataModule",
     "RewardStream",
     "RobotDataModule",

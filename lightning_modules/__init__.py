@@ -27,6 +27,7 @@ from lightning_modules.diffusion import (
     SequentialReward,
     TextToImageModule,
 )
+from lightning_modules.removal import RemovalDiscriminator, RemovalModule, RORem
 from lightning_modules.robot import (
     DMPEL,
     L2M,
@@ -61,6 +62,9 @@ __all__ = [
     "LwF",
     "PackNet",
     "R2MoE",
+    "RORem",
+    "RemovalDiscriminator",
+    "RemovalModule",
     "ReplayModule",
     "RewardDistillation",
     "RewardTuningModule",

@@ -869,7 +869,33 @@ CASES = [
             write("cache/bases-v3-seed0/clip/config.json", "not json")(f, t),
         ),
     ),
+    # -- object-removal data --------------------------------------------------------------------------------
+    Case(
+        "check-data of a meta.json entry without GT and with missing files",
+        lambda f: ["check-data", str(f / "data" / "meta.json")],
+        ("3 problem(s) in 1 file(s)", "meta.json: entry 0: source 's.png' not found"),
+        write("data/meta.json", '[{"source": "s.png", "mask": "m.png"}]'),
+    ),
+    Case(
+        "check-data of a JSON Lines meta.json",
+        lambda f: ["check-data", str(f / "meta.json")],
+        ("meta.json: not JSON (line 2", "JSON Lines", "wrap the entries in [ ]"),
+        write("meta.json", '{"source": "s.png"}\n{"source": "t.png"}\n'),
+    ),
+    Case(
+        "check-data --need_score of entries without a score",
+        lambda f: ["check-data", str(f / "set"), "--need_score"],
+        ("2 problem(s) in 1 file(s)", "entry 0: no 'score' key"),
+        lambda f, t: write_embedded_removal(f / "set", count=2),
+    ),
+    Case("check-data without a file", lambda f: ["check-data", "--need_score"], ("check-data", "no file given")),
 ]
+
+
+def write_embedded_removal(folder: Path, count: int) -> None:
+    from datamodules.removal import write_embedded_removal
+
+    write_embedded_removal(folder, count=count)
 
 
 def snapshot(folder: Path) -> dict[str, str]:

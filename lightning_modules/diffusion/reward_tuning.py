@@ -28,10 +28,8 @@ from torch import Tensor, nn
 
 from cli.errors import ConfigError
 from lightning_modules.diffusion.base import TextToImageModule
+from lightning_modules.nn.diffusion.components import ATTENTION_PROJECTIONS
 from lightning_modules.nn.diffusion.reward_sampling import ddim_with_truncated_grad, first_grad_step
-
-#: the UNet's attention projections, AlignProp's and DDPO's LoRA placement
-ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 class RewardTuningModule(TextToImageModule):

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from datamodules import small_world as world
 from lightning_modules.nn.bases.classifier import DigitClassifier
 from lightning_modules.nn.diffusion.components import SD_SCHEDULE
+from lightning_modules.nn.diffusion.inpainting import sdxl_text_states
 
 Progress = Callable[[int, int], None]
 
@@ -423,15 +424,6 @@ def random_masks(count: int, size: int, generator: torch.Generator | None = None
             m = ((yy - ay - t * d[0]) ** 2 + (xx - ax - t * d[1]) ** 2).sqrt() <= size * (0.08 + 0.1 * u[1])
         masks[i, 0] = m.float()
     return masks
-
-
-def sdxl_text_states(text_encoder, text_encoder_2, tokenizer, prompts: list[str]) -> tuple[Tensor, Tensor]:
-    """What SDXL's `encode_prompt` gives the UNet: the penultimate hidden states of both text encoders,
-    concatenated, and the pooled projection of the second."""
-    ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    first = text_encoder(ids, output_hidden_states=True).hidden_states[-2]
-    out = text_encoder_2(ids, output_hidden_states=True)
-    return torch.cat([first, out.hidden_states[-2]], dim=-1), out.text_embeds
 
 
 def train_inpainting(

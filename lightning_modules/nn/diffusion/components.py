@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from cli.errors import ConfigError
 
 TINY = "tiny"
+#: the UNet's attention projections: where AlignProp, DDPO and RORem's discriminator put their LoRA
+ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 # SD 1.x's training schedule: 1000 steps, "scaled linear" betas 0.00085 -> 0.012, epsilon prediction (and its

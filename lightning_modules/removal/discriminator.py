@@ -1,0 +1,105 @@
+"""RORem's discriminator D_phi as a method: LoRA (rank 4) on the attention of the base inpainting UNet's down
+and mid blocks plus a classification head, trained to regress the human label of a removal:
+
+    s = softplus(head(mid(E(x_edit) noised at t = 0 | m | E(x_src))))        L = (s - y)^2 averaged over the batch
+
+(MSE, not BCE: the score approximates P(success) without being bounded by 1; the released checkpoint's
+calibration depends on it). The edited image is the entry's `GT` in discriminator data; the source enters
+whole, not masked. Evaluation on held-out labelled removals: `accuracy` at 0.5 and `accuracy_90` at 0.9
+(prediction >= threshold against label >= 0.5), `squared_error` and the mean `score`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from cli.errors import ConfigError
+from lightning_modules.removal.base import RemovalModule
+
+
+def scorer_loss(scores: Tensor, labels: Tensor) -> Tensor:
+    """RORem's discriminator loss: MSE between the softplus scores and the labels, in float32."""
+    return F.mse_loss(scores.float(), labels.float().to(scores.device))
+
+
+class RemovalDiscriminator(RemovalModule):
+    """Args (besides `RemovalModule`'s; RORem: AdamW lr 1e-5, weight decay 1e-2, batch 32, 15,000 steps, grad
+    clip 1, from the optimizer, data and trainer settings):
+    rank / lora_alpha: the LoRA on the attention projections (RORem: 4 / 4, gaussian initialisation).
+    eval_seed: seeds the VAE samples and the t = 0 noise of the evaluation, so scores are reproducible.
+    """
+
+    def __init__(
+        self,
+        stream=None,
+        pretrained_model_name_or_path: str = "tiny",
+        prompt_embedding: Literal["encoded", "zeros"] = "encoded",
+        binarize_mask: bool = False,
+        rank: int = 4,
+        lora_alpha: float = 4.0,
+        gradient_checkpointing: bool = False,
+        eval_seed: int = 0,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ):
+        if stream is not None and not getattr(stream, "scored", True):
+            raise ConfigError(
+                "data.need_score: the discriminator trains on labelled removals; set data.need_score: true "
+                "(and give every entry a score)"
+            )
+        super().__init__(
+            stream,
+            pretrained_model_name_or_path,
+            prompt_embedding,
+            binarize_mask,
+            gradient_checkpointing,
+            optimizer,
+            lr_scheduler,
+        )
+        # D_phi is the base UNet cut after its mid block: this method needs no full UNet, so it is cut in place.
+        self.scorer = self.build_scorer(rank, lora_alpha, unet=self.parts.unet)
+        self.eval_seed = eval_seed
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """D_phi's LoRA matrices and head; the UNet's own weights (conv_in included) stay frozen."""
+        return self.scorer.trainable()
+
+    def on_task_start(self, task_id: int) -> None:
+        super().on_task_start(task_id)
+        for p in self.scorer.trainable():
+            p.requires_grad_(True)
+
+    def is_delta(self, name: str) -> bool:
+        return name.startswith("scorer.") and (".lora_" in name or name.startswith("scorer.head."))
+
+    def scores(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
+        context, pooled = self.prompt_conditioning("")
+        return self.scorer.score(
+            self.parts, batch["source"], batch["mask"], batch["target"], context, pooled, self.binarize_mask, generator
+        )
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        if torch.isnan(batch["score"]).any():
+            raise ConfigError("data: a training entry has no score; the discriminator needs labelled removals")
+        loss = scorer_loss(self.scores(batch), batch["score"])
+        b = batch["score"].shape[0]
+        self.log("train/mse", loss, batch_size=b)
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        return loss
+
+    @torch.no_grad()
+    def eval_step(self, batch: dict[str, Any], task_id: int) -> dict[str, Tensor]:
+        generator = torch.Generator().manual_seed(self.eval_seed + int(batch["index"][0]))
+        s = self.scores(batch, generator)
+        label = batch["score"].float().to(s.device) >= 0.5
+        return {
+            "accuracy": ((s >= 0.5) == label).float(),
+            "accuracy_90": ((s >= 0.9) == label).float(),
+            "squared_error": (s - batch["score"].float().to(s.device)) ** 2,
+            "score": s,
+        }

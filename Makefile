@@ -9,10 +9,10 @@ EXTRAS ?= dev,classification,diffusion,robot
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(EXTRAS)
 
-.PHONY: help install demo test lint format bench clean
+.PHONY: help install demo demo-removal test lint format bench clean
 
 help: ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 install: $(STAMP) ## create .venv and install the suite (editable) with the $(EXTRAS) extras
 
@@ -26,6 +26,9 @@ $(STAMP): pyproject.toml
 
 demo: install ## train Finetune and ER on Split-Digits and compare them
 	$(BIN)/lifelong demo
+
+demo-removal: install ## object removal on the small pretrained base: RORem and its discriminator, before/after
+	$(BIN)/lifelong demo-removal
 
 test: install ## lint, then the whole test suite
 	$(BIN)/ruff check .

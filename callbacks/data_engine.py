@@ -118,7 +118,7 @@ class DataEngine(ContinualCallback):
                 torch.full((len(items),), float("nan"), device=device),
             )
             if pl_module.scorer is not None:
-                out["d_score"] = pl_module.score(batch["source"], batch["mask"], result, seed=seeds[0])
+                out["d_score"] = pl_module.score(batch["source"], batch["mask"], result, seeds)
             parts.append({k: v.detach().cpu() for k, v in out.items()})
         pl_module.train(was_training)
         gathered = _gather(parts, world)

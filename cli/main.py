@@ -369,12 +369,15 @@ def _read_checkpoint(path: str) -> dict:
 
 EXTRA_COMMANDS = {
     "demo": "cli.demo:main",
+    "demo-removal": "cli.demo:removal",
     "sample": "cli.diffusion:sample",
     "export": "cli.diffusion:export",
     "make-reg": "cli.diffusion:make_reg",
     "make-demos": "cli.robot:make_demos",
     "pretrain-bases": "cli.bases:pretrain_bases",
     "check-data": "cli.removal:check_data",
+    "remove": "cli.removal:remove",
+    "score": "cli.removal:score",
 }
 
 

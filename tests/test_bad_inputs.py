@@ -23,6 +23,10 @@ FOLDER = "classification/er_splitdigits.yaml"
 R2MOE = "diffusion/r2moe_concepts_tiny.yaml"
 ROBOT = "robot/er_cw3.yaml"
 RID = "diffusion/rid_rewards_tiny.yaml"
+ROREM = "removal/rorem_tiny.yaml"
+ENGINE = "removal/data_engine_tiny.yaml"
+DISCRIMINATOR = "removal/discriminator_tiny.yaml"
+NO_DISCRIMINATOR = ("--model.init_args.discriminator=null",)
 ROBOT_FAST = (
     "--data.init_args.suite=null",
     "--data.init_args.tasks=[reach-v3]",
@@ -889,6 +893,63 @@ CASES = [
         lambda f, t: write_embedded_removal(f / "set", count=2),
     ),
     Case("check-data without a file", lambda f: ["check-data", "--need_score"], ("check-data", "no file given")),
+    # -- object-removal methods, the data engine, remove and score -------------------------------------------
+    Case(
+        "a removal round with an unknown key",
+        lambda f: fit_args(
+            ROREM, f / "run", "--data.init_args.rounds=[{name: a, training: embedded:digits-on-photos}]"
+        ),
+        ("data.rounds[0]", "training"),
+    ),
+    Case(
+        "a discriminator checkpoint that does not exist",
+        lambda f: fit_args(ENGINE, f / "run", f"--model.init_args.discriminator={f / 'no.ckpt'}"),
+        ("model.discriminator", "no.ckpt", "not found"),
+    ),
+    Case(
+        "a discriminator checkpoint of another method",
+        lambda f: fit_args(ENGINE, f / "run", f"--model.init_args.discriminator={f / 'er.ckpt'}"),
+        ("model.discriminator", "er.ckpt", "not a RemovalDiscriminator checkpoint"),
+        lambda f, t: shutil.copy(t / "checkpoints" / "last.ckpt", f / "er.ckpt"),
+    ),
+    Case(
+        "a data engine judged by a discriminator the model does not have",
+        lambda f: fit_args(ENGINE, f / "run", "--model.init_args.discriminator=null"),
+        ("data_engine.judge", "model.discriminator"),
+    ),
+    Case(
+        "a data engine with fewer judges than rounds",
+        lambda f: fit_args(ENGINE, f / "run", *NO_DISCRIMINATOR, "--trainer.callbacks.judge=[human, human]"),
+        ("data_engine.judge", "2 judges for 3 rounds"),
+    ),
+    Case(
+        "a removal strength of 0",
+        lambda f: fit_args(ROREM, f / "run", "--model.init_args.eval_strength=0"),
+        ("model.eval_strength", "(0, 1]"),
+    ),
+    Case(
+        "a resolution the discriminator's head cannot read",
+        lambda f: fit_args(DISCRIMINATOR, f / "run", "--data.init_args.resolution=24"),
+        ("data.resolution", "4 x 2^n"),
+    ),
+    Case(
+        "remove with a source and no mask",
+        lambda f: ["remove", "-c", config(ROREM), "--source", str(f / "set/source/00000.png"), "--out", str(f / "o")],
+        ("--source, --mask", "once per image"),
+        lambda f, t: write_embedded_removal(f / "set", count=1),
+    ),
+    Case(
+        "remove with a discriminator config",
+        lambda f: ["remove", "-c", config(DISCRIMINATOR), "--meta", str(f / "set/meta.json"), "--out", str(f / "o")],
+        ("model", "RemovalDiscriminator is not an object remover"),
+        lambda f, t: write_embedded_removal(f / "set", count=1),
+    ),
+    Case(
+        "score with a remover that has no discriminator",
+        lambda f: ["score", "-c", config(ROREM), "--meta", str(f / "set/meta.json"), "--out", str(f / "s.json")],
+        ("model.discriminator is not set",),
+        lambda f, t: write_embedded_removal(f / "set", count=1),
+    ),
 ]
 
 

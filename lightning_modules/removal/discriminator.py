@@ -77,7 +77,7 @@ class RemovalDiscriminator(RemovalModule):
     def is_delta(self, name: str) -> bool:
         return name.startswith("scorer.") and (".lora_" in name or name.startswith("scorer.head."))
 
-    def scores(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
+    def scores(self, batch: dict[str, Tensor], generator=None) -> Tensor:
         context, pooled = self.prompt_conditioning("")
         return self.scorer.score(
             self.parts, batch["source"], batch["mask"], batch["target"], context, pooled, self.binarize_mask, generator
@@ -94,8 +94,8 @@ class RemovalDiscriminator(RemovalModule):
 
     @torch.no_grad()
     def eval_step(self, batch: dict[str, Any], task_id: int) -> dict[str, Tensor]:
-        generator = torch.Generator().manual_seed(self.eval_seed + int(batch["index"][0]))
-        s = self.scores(batch, generator)
+        generators = [torch.Generator().manual_seed(self.eval_seed + int(i)) for i in batch["index"]]
+        s = self.scores(batch, generators)
         label = batch["score"].float().to(s.device) >= 0.5
         return {
             "accuracy": ((s >= 0.5) == label).float(),

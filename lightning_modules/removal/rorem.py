@@ -36,6 +36,8 @@ from lightning_modules.removal.base import RemovalModule
 QUALITY_PROMPT = "4K, high quality, masterpiece, Highly detailed, Sharp focus, Professional, photorealistic, realistic"
 QUALITY_NEGATIVE = "low quality, worst, bad proportions, blurry, extra finger, Deformed, disfigured, unclear background"
 
+NO_DISCRIMINATOR = "model.discriminator is not set: {} needs a RemovalDiscriminator checkpoint (its last.ckpt)"
+
 
 class RORem(RemovalModule):
     """Args (besides `RemovalModule`'s; RORem: AdamW lr 5e-5, weight decay 1e-2, batch 128, grad clip 1, from
@@ -198,15 +200,14 @@ class RORem(RemovalModule):
         return self.parts.decode_latents(latents) * 2 - 1
 
     @torch.no_grad()
-    def score(self, source: Tensor, mask: Tensor, edited: Tensor, seed: int = 0) -> Tensor:
-        """D_phi's scores (B,) of removals `edited` (all images in [-1, 1]); needs a discriminator."""
+    def score(self, source: Tensor, mask: Tensor, edited: Tensor, seeds: list[int]) -> Tensor:
+        """D_phi's scores (B,) of removals `edited` (all images in [-1, 1]); score i's VAE samples and t = 0 noise
+        come from `seeds[i]` alone. Needs a discriminator."""
         if self.scorer is None:
-            raise ConfigError(
-                "model.discriminator is not set: scoring removals needs a RemovalDiscriminator checkpoint"
-            )
+            raise ConfigError(NO_DISCRIMINATOR.format("scoring removals"))
         context, pooled = self.prompt_conditioning("")
-        generator = torch.Generator().manual_seed(seed)
-        return self.scorer.score(self.parts, source, mask, edited, context, pooled, self.binarize_mask, generator)
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        return self.scorer.score(self.parts, source, mask, edited, context, pooled, self.binarize_mask, generators)
 
     def fit_scorer(self, batches: list[dict[str, Tensor]], steps: int, seed: int = 0) -> list[float]:
         """Retrains D_phi's LoRA and head on labelled removals (dicts of source, mask, target = the removal,
@@ -246,7 +247,7 @@ class RORem(RemovalModule):
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
         self.scorer.train(was_training)
         for p in params:
             p.requires_grad_(False)
@@ -270,7 +271,7 @@ class RORem(RemovalModule):
             "ssim_background": masked_ssim(out01, source01, background),
         }
         if self.scorer is not None:
-            d = self.score(source, mask, result, seed=seeds[0])
+            d = self.score(source, mask, result, seeds)
             scores |= {"d_success": (d >= 0.5).float(), "d_success_90": (d >= 0.9).float(), "d_score": d}
         if self.clip is not None:
             scores["clip_gt"] = (self.clip.embed_images(out01) * self.clip.embed_images(target01)).sum(-1)

@@ -111,7 +111,7 @@ def test_a_data_engine_round_accepts_exactly_the_removals_its_judge_passes(dm, m
     def remove(source, mask, seeds):
         return -source  # a recognisable "removal"
 
-    def score(source, mask, edited, seed=0):
+    def score(source, mask, edited, seeds):
         index = [next(i for i in range(n) if torch.equal(torch.as_tensor(inputs[i]["source"]), s)) for s in source]
         return wanted[index]
 

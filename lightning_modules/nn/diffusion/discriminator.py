@@ -119,17 +119,18 @@ class RemovalScorer(nn.Module):
         context: Tensor,
         pooled: Tensor,
         binarize: bool = False,
-        generator: torch.Generator | None = None,
+        generator=None,
     ) -> Tensor:
         """Scores of removals (images in [-1, 1]) as RORem's discriminator reads them: the edited image's latents
         "noised" at t = 0, the mask, the latents of the whole (unmasked) source; VAE samples and noise drawn from
-        `generator` (fix it for reproducible scores)."""
-        from lightning_modules.nn.diffusion.inpainting import condition_latents, nine_channels
+        `generator` (fix it for reproducible scores; a list, one per removal, makes a score independent of its
+        batch)."""
+        from lightning_modules.nn.diffusion.inpainting import condition_latents, nine_channels, randn_like_rows
 
         with torch.no_grad():
             small_mask, source_latents = condition_latents(parts, source, mask, False, binarize, generator)
             latents = parts.encode_images(edited, generator)
-            noise = torch.randn(latents.shape, generator=generator).to(latents)
+            noise = randn_like_rows(latents, generator)
             zero = torch.zeros(latents.shape[0], dtype=torch.long, device=latents.device)
             noisy = parts.noise_scheduler.add_noise(latents, noise, zero)
         sample = nine_channels(noisy, small_mask, source_latents)

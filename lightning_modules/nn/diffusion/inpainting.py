@@ -27,6 +27,22 @@ SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tok
 TIME_ID_FIELDS = 6
 
 
+#: a generator, one per batch row, or None (the global RNG)
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+def randn_like_rows(x: Tensor, generator: Generators = None) -> Tensor:
+    """Standard normal noise shaped like `x` (float32, on x's device), drawn on the CPU from `generator`, or row
+    by row from a list of generators (row i's noise then depends on generator i alone)."""
+    if isinstance(generator, list):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"{len(generator)} generators for {x.shape[0]} rows")
+        noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generator])
+    else:
+        noise = torch.randn(x.shape, generator=generator)
+    return noise.to(device=x.device, dtype=x.dtype)
+
+
 class InpaintingParts(nn.Module):
     """The frozen SDXL-inpainting base: 9-channel UNet, VAE (float32), both text encoders and their tokenizers,
     the inference scheduler (`scheduler`, the folder's) and the training one (`noise_scheduler`: a DDPM
@@ -43,6 +59,9 @@ class InpaintingParts(nn.Module):
             )
         self.unet = unet
         self.vae = vae if vae.dtype == torch.float32 else vae.to(torch.float32)
+        # The VAE is float32 throughout, so the pipeline's half-precision upcast (a `vae.to(float32)` per call that
+        # diffusers warns about) has nothing to do.
+        self.vae.register_to_config(force_upcast=False)
         self.text_encoder = text_encoder
         self.text_encoder_2 = text_encoder_2
         self.tokenizer = tokenizer
@@ -72,11 +91,11 @@ class InpaintingParts(nn.Module):
         row = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=torch.float32)
         return row.to(self.unet.device).expand(batch_size, -1)
 
-    def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def encode_images(self, images: Tensor, generator: Generators = None) -> Tensor:
         """Images in [-1, 1] -> scaled latents: a sample of the VAE posterior (RORem: `latent_dist.sample()`),
-        in float32."""
+        in float32; its noise from `generator` (one, or one per image so a sample does not depend on its batch)."""
         dist = self.vae.encode(images.float()).latent_dist
-        noise = torch.randn(dist.mean.shape, generator=generator, dtype=dist.mean.dtype).to(dist.mean.device)
+        noise = randn_like_rows(dist.mean, generator)
         return (dist.mean + dist.std * noise) * self.vae.config.scaling_factor
 
     def decode_latents(self, latents: Tensor) -> Tensor:
@@ -125,7 +144,7 @@ def condition_latents(
     mask: Tensor,
     masked: bool = True,
     binarize: bool = False,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> tuple[Tensor, Tensor]:
     """(mask at latent size, latents of the conditioning image) for sources in [-1, 1]: the masked source
     (`masked`, the remover) or the whole source (the discriminator)."""

@@ -18,8 +18,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def fit_run(config: Path, seed: int, then: Callable[[Any, str], Any] | None = None) -> tuple[Any, dict, float, Any]:
-    """`lifelong fit -c cpu.yaml -c config` with `seed`, quiet, in a temporary folder: (cli, the run's
+def fit_run(
+    config: Path, seed: int, then: Callable[[Any, str], Any] | None = None, extra: list[str] | tuple = ()
+) -> tuple[Any, dict, float, Any]:
+    """`lifelong fit -c cpu.yaml -c config [extra]` with `seed`, quiet, in a temporary folder: (cli, the run's
     continual_metrics.json, wall seconds, `then(cli, folder)` called before the folder is removed)."""
     from cli.main import QUIET, LifelongCLI
 
@@ -35,6 +37,7 @@ def fit_run(config: Path, seed: int, then: Callable[[Any, str], Any] | None = No
                 f"--seed_everything={seed}",
                 *QUIET,
                 f"--trainer.default_root_dir={root}",
+                *extra,
             ]
         )
         wall = time.perf_counter() - start

@@ -48,8 +48,6 @@ def run_one(method: str, seed: int, out: str) -> None:
 
     import torch
 
-    from cli.main import QUIET, LifelongCLI
-
     torch.set_num_threads(1)
     keep = Path(tempfile.mkdtemp())
 
@@ -60,23 +58,7 @@ def run_one(method: str, seed: int, out: str) -> None:
     extra = [f"--model.init_args.discriminator={keep / 'discriminator.ckpt'}"]
     if method == "control":
         extra.append(CONTROL_ROUNDS)
-    with tempfile.TemporaryDirectory() as root:
-        start = time.perf_counter()
-        cli = LifelongCLI(
-            args=[
-                "fit",
-                "-c",
-                str(ROOT / "configs/trainer/cpu.yaml"),
-                "-c",
-                str(ENGINE),
-                f"--seed_everything={seed}",
-                *QUIET,
-                f"--trainer.default_root_dir={root}",
-                *extra,
-            ]
-        )
-        wall = time.perf_counter() - start
-        report = json.loads((Path(cli.trainer.log_dir) / "continual_metrics.json").read_text())
+    _, report, wall, _ = fit_run(ENGINE, seed, extra=extra)
     shutil.rmtree(keep)
     Path(out).write_text(
         json.dumps(

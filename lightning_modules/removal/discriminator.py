@@ -63,16 +63,13 @@ class RemovalDiscriminator(RemovalModule):
         )
         # D_phi is the base UNet cut after its mid block: this method needs no full UNet, so it is cut in place.
         self.scorer = self.build_scorer(rank, lora_alpha, unet=self.parts.unet)
+        for p in self.scorer.trainable():  # LoRA and head train in every task (a resumed run starts none)
+            p.requires_grad_(True)
         self.eval_seed = eval_seed
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """D_phi's LoRA matrices and head; the UNet's own weights (conv_in included) stay frozen."""
         return self.scorer.trainable()
-
-    def on_task_start(self, task_id: int) -> None:
-        super().on_task_start(task_id)
-        for p in self.scorer.trainable():
-            p.requires_grad_(True)
 
     def is_delta(self, name: str) -> bool:
         return name.startswith("scorer.") and (".lora_" in name or name.startswith("scorer.head."))

@@ -106,6 +106,8 @@ class RORem(RemovalModule):
             self.scorer = self.build_scorer()
             load_scorer(self.scorer, discriminator)
             self.scorer.requires_grad_(False)
+        # RORem trains every UNet weight in every round (set here, not at a task start: a resumed run has none).
+        self.parts.unet.requires_grad_(True)
         self.eval_inference_steps = eval_inference_steps
         self.eval_strength = eval_strength
         self.eval_guidance_scale = eval_guidance_scale
@@ -126,10 +128,6 @@ class RORem(RemovalModule):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The whole UNet (RORem trains every weight; `trainable_modules` is empty)."""
         return list(self.parts.unet.parameters())
-
-    def on_task_start(self, task_id: int) -> None:
-        super().on_task_start(task_id)
-        self.parts.unet.requires_grad_(True)
 
     def is_delta(self, name: str) -> bool:
         """The UNet, and D_phi's LoRA and head (the data engine may retrain them)."""

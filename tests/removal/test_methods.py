@@ -61,7 +61,6 @@ def test_rorem_loss_is_the_epsilon_mse_on_the_nine_channel_input(dm):
 
 def test_rorem_trains_the_whole_unet_and_checkpoints_only_it(dm):
     model = RORem(stream=dm.stream)
-    model.on_task_start(0)
     unet = set(model.parts.unet.parameters())
     assert set(model.trainable_parameters()) == unet and all(p.requires_grad for p in unet)
     frozen = [model.parts.vae, model.parts.text_encoder, model.parts.text_encoder_2]
@@ -78,7 +77,6 @@ def test_the_discriminator_trains_only_its_lora_and_head(tmp_path):
         need_score=True,
     )
     model = RemovalDiscriminator(stream=judged.stream)
-    model.on_task_start(0)
     trainable = {id(p) for p in model.trainable_parameters()}
     names = [n for n, p in model.named_parameters() if id(p) in trainable]
     assert names and all(".lora_" in n or ".head." in n for n in names)

@@ -120,32 +120,50 @@ def tiny_stable_diffusion(seed: int = 0) -> StableDiffusionParts:
     return StableDiffusionParts(unet, vae, text_encoder, tokenizer, DDPMScheduler(**SD_SCHEDULE))
 
 
+def local_base(source: str, seed: int, tiny, cached: str, load, subfolders, what: str, instead: str):
+    """The frozen base `pretrained_model_name_or_path` names: `tiny` -> tiny(seed); `tiny-pretrained` -> the
+    small base `cached`, built into the cache on first use and read by `load`; else a local diffusers folder with
+    `subfolders`, read by `load`, or one line saying it is not `what` and to pass `instead`. Never downloads."""
+    if source == TINY:
+        return tiny(seed)
+    from lightning_modules.nn.bases import cache
+
+    if source == cache.PRESET:
+        return cache.checked(cache.ensure(cached), lambda p: load(str(p)))
+    missing = [s + "/" for s in subfolders if not os.path.isdir(os.path.join(source, s))]
+    if missing:
+        raise ConfigError(
+            f"model.pretrained_model_name_or_path: {source!r} is not {what} (missing {', '.join(missing)}); "
+            f"pass {instead}"
+        )
+    return load(source)
+
+
 def load_stable_diffusion(pretrained_model_name_or_path: str, seed: int = 0) -> StableDiffusionParts:
     """`tiny`, `tiny-pretrained` (the small base trained on the embedded data, built into the cache on first
     use) or a local diffusers folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/); never downloads."""
-    if pretrained_model_name_or_path == TINY:
-        return tiny_stable_diffusion(seed)
-    from lightning_modules.nn.bases import cache
 
-    if pretrained_model_name_or_path == cache.PRESET:
-        path = cache.ensure("text-to-image")
-        return cache.checked(path, lambda p: load_stable_diffusion(str(p)))
-    path = pretrained_model_name_or_path
-    missing = [s + "/" for s in SUBFOLDERS if not os.path.isdir(os.path.join(path, s))]
-    if missing:
-        raise ConfigError(
-            f"model.pretrained_model_name_or_path: {path!r} is not a diffusers folder (missing {', '.join(missing)}); "
-            f"pass a local Stable Diffusion folder (e.g. a saved stable-diffusion-v1-5) or 'tiny'"
+    def load(path: str) -> StableDiffusionParts:
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        return StableDiffusionParts(
+            UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True),
+            AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True),
+            CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True),
+            CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True),
+            DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True),
         )
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
 
-    return StableDiffusionParts(
-        UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True),
-        AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True),
-        CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True),
-        CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True),
-        DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True),
+    return local_base(
+        pretrained_model_name_or_path,
+        seed,
+        tiny_stable_diffusion,
+        "text-to-image",
+        load,
+        SUBFOLDERS,
+        "a diffusers folder",
+        "a local Stable Diffusion folder (e.g. a saved stable-diffusion-v1-5) or 'tiny'",
     )
 
 

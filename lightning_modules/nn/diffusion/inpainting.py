@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cli.errors import ConfigError
-from lightning_modules.nn.diffusion.components import SD_SCHEDULE, TINY
+from lightning_modules.nn.diffusion.components import SD_SCHEDULE, local_base
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 #: SDXL's added conditioning per image: (original size, crop top-left, target size); no aesthetic score
@@ -225,25 +225,22 @@ def tiny_inpainting(seed: int = 0) -> InpaintingParts:
 def load_inpainting(pretrained_model_name_or_path: str, seed: int = 0) -> InpaintingParts:
     """`tiny`, `tiny-pretrained` (the small inpainting base, built into the cache on first use) or a local
     SDXL-inpainting diffusers folder; never downloads."""
-    if pretrained_model_name_or_path == TINY:
-        return tiny_inpainting(seed)
-    from lightning_modules.nn.bases import cache
 
-    if pretrained_model_name_or_path == cache.PRESET:
-        path = cache.ensure("inpainting")
-        return cache.checked(path, lambda p: load_inpainting(str(p)))
-    path = pretrained_model_name_or_path
-    missing = [s + "/" for s in SUBFOLDERS if not os.path.isdir(os.path.join(path, s))]
-    if missing:
-        raise ConfigError(
-            f"model.pretrained_model_name_or_path: {path!r} is not an SDXL-inpainting diffusers folder (missing "
-            f"{', '.join(missing)}); pass a local stable-diffusion-xl-1.0-inpainting-0.1, 'tiny-pretrained' or 'tiny'"
-        )
-    from diffusers import StableDiffusionXLInpaintPipeline
+    def load(path: str) -> InpaintingParts:
+        from diffusers import StableDiffusionXLInpaintPipeline
 
-    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(path, local_files_only=True)
-    return InpaintingParts(
-        pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2, pipe.scheduler
+        pipe = StableDiffusionXLInpaintPipeline.from_pretrained(path, local_files_only=True)
+        return InpaintingParts(*(getattr(pipe, name) for name in SUBFOLDERS))
+
+    return local_base(
+        pretrained_model_name_or_path,
+        seed,
+        tiny_inpainting,
+        "inpainting",
+        load,
+        SUBFOLDERS,
+        "an SDXL-inpainting diffusers folder",
+        "a local stable-diffusion-xl-1.0-inpainting-0.1, 'tiny-pretrained' or 'tiny'",
     )
 
 

@@ -38,7 +38,40 @@ CONTROL_ROUNDS = (
 )
 METRICS = ["gt_success", "psnr_inside", "psnr_background", "ssim_background", "d_success", "clip_gt"]
 #: what the committed table can and cannot show (written from the measured runs)
-READING: list[str] = []
+READING = [
+    "**RORem's fine-tuning helps, a little, on both kinds.** 300 steps on 1,024 ground-truth triplets of digits",
+    "raise the ground-truth success on held-out digits from 28.1% to 35.9% and on photo patches (never trained",
+    "on) from 35.9% to 42.6%; PSNR inside the mask rises by 1.5 and 0.8 dB, the background's by 1.2 and 1.0 dB.",
+    "",
+    "**The data engine does not show a gain here.** After three rounds, the engine's model and the control",
+    "(the same three rounds on the ground truth only) reach 37.5% on digits alike and 44.9 ± 1.7% against",
+    "43.0 ± 4.4% on patches. With 64 held-out digits and 128 patches per seed, that is well within sampling",
+    "noise. The engine's roughly 430 accepted removals sit beside 1,024 ground-truth triplets, and they cost",
+    "a little background fidelity on patches (29.06 against 29.41 dB): the model learns from its own decodes,",
+    "which carry the decoder's error at the mask's border. RORem's Table 1 grows its set 3x over its rounds;",
+    "this run grows it 1.4x.",
+    "",
+    "**D_phi needs the human round.** Trained on the synthetic judged set alone, it calls 55-64% of the base",
+    "model's removals good when the ground truth calls 28-36% good, and it barely moves with the model",
+    "(the control's rows). Retrained on the 512 human-judged removals of round 0, it tracks the ground truth:",
+    "on round 1's 512 unseen inputs it accepts 41.6% where the ground truth finds 43.1% good, agrees on",
+    "86.4% of the images, and 85.4% of what it accepts is good. On the held-out sets, after round 0, its",
+    "success rate is within 3 points of the ground truth's on both kinds (38.3 vs 35.9, 39.8 vs 42.6).",
+    "RORem reports its discriminator within 3% of human rates. The `d_success` column therefore compares",
+    "across rows only where the same D_phi scored: the base and control rows use the synthetic one, the",
+    "engine's rows the retrained one.",
+    "",
+    "**What the table cannot show.**",
+    "- The judge is a PSNR threshold against the ground truth, which rewards smooth fills. A mean-colour fill",
+    "  of the mask scores 39.1% on these held-out digits and 48.4% on the patches, above every model here;",
+    "  the small base's removals are about as close to the ground truth as a flat fill (PSNR inside 17.1 vs",
+    "  16.8 dB on digits). The table measures the method's mechanics and relative changes on a 32 px, 8.5M",
+    "  parameter base, not removal quality comparable to RORem's SDXL numbers.",
+    "- Two seeds, 300 steps per round; the paper trains 50,000 steps per round on up to 200K triplets.",
+    "- The seconds per image are CPU times at 32 px with another process on the machine; RORem reports",
+    "  4.03 s per 512 px image on a GPU. 50 steps cost 2.5x 25 steps here, more than 2x: the pipeline's",
+    "  fixed cost per call is spread over fewer steps at 25.",
+]
 
 
 def run_one(method: str, seed: int, out: str) -> None:

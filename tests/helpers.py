@@ -122,3 +122,39 @@ class RecordTaskEnds(ContinualCallback):
         path = os.path.join(self.out_dir, f"teacher_task{self._pending}_rank{trainer.global_rank}.pt")
         torch.save({k: v.detach().cpu() for k, v in teachers[0].weights.items()}, path)
         self._pending = None
+
+
+class RecordRemovalRun(ContinualCallback):
+    """For an object-removal run, per rank: the module's delta (what it learns) when training starts and at the end
+    of fit, the (task, index) of every evaluation item this rank scored, and the datamodule's accepted count per
+    round at the end of fit."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.items: list[list[int]] = []
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        eval_step = pl_module.eval_step
+
+        def recording(batch, task_id):
+            self.items += [[task_id, int(i)] for i in batch["index"]]
+            return eval_step(batch, task_id)
+
+        pl_module.eval_step = recording
+
+    def _save_delta(self, trainer, pl_module, when: str) -> None:
+        os.makedirs(self.out_dir, exist_ok=True)
+        delta = {k: v.detach().cpu().clone() for k, v in pl_module.delta_state_dict().items()}
+        torch.save(delta, os.path.join(self.out_dir, f"delta_{when}_rank{trainer.global_rank}.pt"))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._save_delta(trainer, pl_module, "start")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        import json
+
+        self._save_delta(trainer, pl_module, "end")
+        dm = trainer.datamodule
+        accepted = [dm.accepted_count(k) for k in range(dm.num_tasks)] if hasattr(dm, "accepted_count") else []
+        with open(os.path.join(self.out_dir, f"run_rank{trainer.global_rank}.json"), "w") as f:
+            json.dump({"eval_items": self.items, "accepted": accepted}, f)

@@ -64,11 +64,8 @@ class DataEngine(ContinualCallback):
         self.rounds: dict[str, dict[str, Any]] = {}
 
     def judge_of(self, round_id: int) -> str:
-        if len(self.judges) == 1:
-            return self.judges[0]
-        if round_id >= len(self.judges):
-            raise ConfigError(f"data_engine.judge lists {len(self.judges)} judges but the stream has more rounds")
-        return self.judges[round_id]
+        """Round `round_id`'s judge (`setup` has checked that a list names one per round)."""
+        return self.judges[0] if len(self.judges) == 1 else self.judges[round_id]
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":

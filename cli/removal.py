@@ -98,12 +98,12 @@ def _batches(items: list[tuple[str, dict[str, Any]]], size: int):
 
 
 def _parser(prog: str, description: str, edited: bool):
-    from jsonargparse import ArgumentParser
+    """The text-to-image subcommands' parser (-c, --set) with the removal inputs and outputs."""
     from jsonargparse.typing import PositiveInt
 
-    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
-    parser.add_argument("-c", "--config", action="append", required=True, help="the experiment's YAML (repeatable)")
-    parser.add_argument("--set", action="append", default=[], help="extra CLI overrides, e.g. --set=--data.x=y")
+    from cli.diffusion import _parser as config_parser
+
+    parser = config_parser(prog, description)
     parser.add_argument("--ckpt_path", type=str | None, default=None, help="a fit checkpoint (last.ckpt)")
     parser.add_argument("--meta", type=str | None, default=None, help="a RORem meta.json of the inputs")
     parser.add_argument("--source", action="append", default=[], help="an image with the object (repeatable)")
@@ -131,6 +131,8 @@ def remove(argv: list[str]) -> None:
     --meta with GT) each entry's `score` is the ground-truth judgement, and scores.json has D_phi's scores
     (with model.discriminator) and the PSNR inside the mask."""
     from jsonargparse.typing import PositiveInt
+
+    from datamodules.removal import human_label, psnr_inside
 
     parser = _parser("lifelong remove", "Remove the masked objects with a trained RORem.", edited=False)
     parser.add_argument("--steps", type=PositiveInt | None, default=None, help="sampling steps (RORem: 50)")
@@ -164,8 +166,6 @@ def remove(argv: list[str]) -> None:
                 entry = {k2: f"{k2}/{name}.png" for k2 in ("source", "mask", "GT")}
                 score: dict[str, Any] = {}
                 if bool(batch["has_target"][i]):
-                    from datamodules.removal import human_label, psnr_inside
-
                     one = (result[i : i + 1], batch["target"][i : i + 1], batch["mask"][i : i + 1])
                     entry["score"] = float(human_label(*one, model.human_threshold_db)[0])
                     score["psnr_inside"] = float(psnr_inside(*one)[0])

@@ -79,6 +79,19 @@ class RemovalModule(ContinualModule):
         latent = self.resolution // self.parts.vae_scale_factor
         return RemovalScorer(unet, mid_feature_size(unet, latent), rank, lora_alpha)
 
+    def score_removals(self, source: Tensor, mask: Tensor, edited: Tensor, generator=None) -> Tensor:
+        """`self.scorer`'s scores (B,) of removals `edited` under the empty prompt (all images in [-1, 1]);
+        `generator`: one, or one per removal, for the VAE samples and the t = 0 noise."""
+        context, pooled = self.prompt_conditioning("")
+        return self.scorer.score(self.parts, source, mask, edited, context, pooled, self.binarize_mask, generator)
+
+    @staticmethod
+    def is_scorer_delta(name: str) -> bool:
+        """Whether state-dict entry `name` is D_phi's learned part (`scorer.` and a LoRA matrix or the head)."""
+        from lightning_modules.nn.diffusion.discriminator import RemovalScorer
+
+        return name.startswith("scorer.") and RemovalScorer.learns(name[len("scorer.") :])
+
     # -- checkpoints: the delta only ------------------------------------------------------------
     def is_delta(self, name: str) -> bool:
         """Whether state-dict entry `name` is something this method learns (checkpoints keep only those)."""

@@ -47,11 +47,6 @@ class RemovalDiscriminator(RemovalModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
-        if stream is not None and not getattr(stream, "scored", True):
-            raise ConfigError(
-                "data.need_score: the discriminator trains on labelled removals; set data.need_score: true "
-                "(and give every entry a score)"
-            )
         super().__init__(
             stream,
             pretrained_model_name_or_path,
@@ -72,13 +67,10 @@ class RemovalDiscriminator(RemovalModule):
         return self.scorer.trainable()
 
     def is_delta(self, name: str) -> bool:
-        return name.startswith("scorer.") and (".lora_" in name or name.startswith("scorer.head."))
+        return self.is_scorer_delta(name)
 
     def scores(self, batch: dict[str, Tensor], generator=None) -> Tensor:
-        context, pooled = self.prompt_conditioning("")
-        return self.scorer.score(
-            self.parts, batch["source"], batch["mask"], batch["target"], context, pooled, self.binarize_mask, generator
-        )
+        return self.score_removals(batch["source"], batch["mask"], batch["target"], generator)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         if torch.isnan(batch["score"]).any():

@@ -131,8 +131,7 @@ class RORem(RemovalModule):
 
     def is_delta(self, name: str) -> bool:
         """The UNet, and D_phi's LoRA and head (the data engine may retrain them)."""
-        scorer = name.startswith("scorer.") and (".lora_" in name or name.startswith("scorer.head."))
-        return name.startswith("parts.unet.") or scorer
+        return name.startswith("parts.unet.") or self.is_scorer_delta(name)
 
     # -- training -------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -203,9 +202,7 @@ class RORem(RemovalModule):
         come from `seeds[i]` alone. Needs a discriminator."""
         if self.scorer is None:
             raise ConfigError(NO_DISCRIMINATOR.format("scoring removals"))
-        context, pooled = self.prompt_conditioning("")
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        return self.scorer.score(self.parts, source, mask, edited, context, pooled, self.binarize_mask, generators)
+        return self.score_removals(source, mask, edited, [torch.Generator().manual_seed(int(s)) for s in seeds])
 
     def fit_scorer(self, batches: list[dict[str, Tensor]], steps: int, seed: int = 0) -> list[float]:
         """Retrains D_phi's LoRA and head on labelled removals (dicts of source, mask, target = the removal,
@@ -214,14 +211,11 @@ class RORem(RemovalModule):
         from lightning_modules.removal.discriminator import scorer_loss
 
         if self.scorer is None:
-            raise ConfigError(
-                "model.discriminator is not set: retraining D_phi needs a RemovalDiscriminator checkpoint"
-            )
+            raise ConfigError(NO_DISCRIMINATOR.format("retraining D_phi"))
         params = self.scorer.trainable()
         for p in params:
             p.requires_grad_(True)
         optimizer = torch.optim.AdamW(params, lr=self.scorer_lr, weight_decay=1e-2)
-        context, pooled = self.prompt_conditioning("")
         generator = torch.Generator().manual_seed(seed)
         order = torch.Generator().manual_seed(seed + 1)  # which batch each step draws
         losses = []
@@ -230,16 +224,7 @@ class RORem(RemovalModule):
         with torch.enable_grad():
             for _ in range(steps):
                 batch = batches[int(torch.randint(len(batches), (1,), generator=order))]
-                scores = self.scorer.score(
-                    self.parts,
-                    batch["source"],
-                    batch["mask"],
-                    batch["target"],
-                    context,
-                    pooled,
-                    self.binarize_mask,
-                    generator,
-                )
+                scores = self.score_removals(batch["source"], batch["mask"], batch["target"], generator)
                 loss = scorer_loss(scores, batch["score"])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -299,7 +284,7 @@ def load_scorer(scorer, path: str) -> None:
     if not isinstance(state, dict):
         raise ConfigError(f"model.discriminator {path}: not a checkpoint written by lifelong fit (no state_dict)")
     ours = {k[len("scorer.") :]: v for k, v in state.items() if k.startswith("scorer.")}
-    wanted = {k for k in scorer.state_dict() if ".lora_" in k or k.startswith("head.")}
+    wanted = {k for k in scorer.state_dict() if scorer.learns(k)}
     if not ours or wanted - set(ours):
         raise ConfigError(
             f"model.discriminator {path}: not a RemovalDiscriminator checkpoint for this base and resolution "

@@ -77,10 +77,26 @@ class StableDiffusionParts(nn.Module):
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
+def tiny_vae(sample_size: int):
+    """The tiny presets' VAE: SD's `AutoencoderKL` with 2 levels (32/64 channels, x2 downsampling), random
+    weights from the global RNG (the callers seed it)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        sample_size=sample_size,
+    )
+
+
 def tiny_stable_diffusion(seed: int = 0) -> StableDiffusionParts:
     """Random-weight SD of the real classes: a 2-level UNet (32/64 channels, cross-attention 32), a
     2-level VAE (x2 downsampling) and a 5-layer CLIP text encoder with CLIP's full BPE vocabulary."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from lightning_modules.nn.diffusion.tokenizer import CLIP_TEXT_VOCAB, clip_tokenizer
@@ -98,15 +114,7 @@ def tiny_stable_diffusion(seed: int = 0) -> StableDiffusionParts:
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             cross_attention_dim=32,
         )
-        vae = AutoencoderKL(
-            block_out_channels=(32, 64),
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            latent_channels=4,
-            sample_size=64,
-        )
+        vae = tiny_vae(sample_size=64)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 **CLIP_TEXT_VOCAB,

@@ -100,9 +100,14 @@ class RemovalScorer(nn.Module):
         self.unet.add_adapter(config, adapter_name=self.ADAPTER)
         self.head = DiscriminatorHead(unet.config.block_out_channels[-1], feature_size)
 
+    @staticmethod
+    def learns(name: str) -> bool:
+        """Whether entry `name` of this module's state dict is learned (a LoRA matrix or the head)."""
+        return ".lora_" in name or name.startswith("head.")
+
     def trainable(self) -> list[nn.Parameter]:
         """The LoRA matrices and the head: everything else stays frozen (conv_in included)."""
-        return [p for n, p in self.named_parameters() if ".lora_" in n or n.startswith("head.")]
+        return [p for n, p in self.named_parameters() if self.learns(n)]
 
     def forward(self, sample: Tensor, context: Tensor, pooled: Tensor, time_ids: Tensor) -> Tensor:
         """Scores (B,) of 9-channel inputs at timestep 0."""

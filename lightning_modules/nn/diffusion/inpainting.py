@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cli.errors import ConfigError
-from lightning_modules.nn.diffusion.components import SD_SCHEDULE, local_base
+from lightning_modules.nn.diffusion.components import SD_SCHEDULE, local_base, tiny_vae
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 #: SDXL's added conditioning per image: (original size, crop top-left, target size); no aesthetic score
@@ -177,7 +177,7 @@ def tiny_inpainting(seed: int = 0) -> InpaintingParts:
     """Random weights of SDXL-inpainting's classes, small for CPU tests: a 2-level 9-channel UNet (32/64
     channels; text_time conditioning), a 2-level VAE (x2), two 32-wide CLIP text encoders (the second with a
     projection) and SDXL's Euler scheduler."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from lightning_modules.nn.diffusion.tokenizer import CLIP_TEXT_VOCAB, clip_tokenizer
@@ -207,15 +207,7 @@ def tiny_inpainting(seed: int = 0) -> InpaintingParts:
             addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=8 * TIME_ID_FIELDS + 32,
         )
-        vae = AutoencoderKL(
-            block_out_channels=(32, 64),
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            latent_channels=4,
-            sample_size=32,
-        )
+        vae = tiny_vae(sample_size=32)
         text_encoder = CLIPTextModel(CLIPTextConfig(**text))
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text))
     scheduler = EulerDiscreteScheduler(**{k: v for k, v in SD_SCHEDULE.items() if k != "clip_sample"})

@@ -945,6 +945,20 @@ CASES = [
         lambda f, t: write_embedded_removal(f / "set", count=1),
     ),
     Case(
+        "check-data of a shard pattern whose shards do not exist",
+        lambda f: ["check-data", str(f / "shards" / "removal-{000..001}.tar")],
+        ("removal-000.tar", "not found"),
+    ),
+    Case(
+        "remove with a strength above 1",
+        lambda f: (
+            ["remove", "-c", config(ROREM), "--meta", str(f / "set/meta.json"), "--out", str(f / "o")]
+            + ["--strength", "2"]
+        ),
+        ("--strength", "(0, 1]"),
+        lambda f, t: write_embedded_removal(f / "set", count=1),
+    ),
+    Case(
         "score with a remover that has no discriminator",
         lambda f: ["score", "-c", config(ROREM), "--meta", str(f / "set/meta.json"), "--out", str(f / "s.json")],
         ("model.discriminator is not set",),

@@ -227,7 +227,8 @@ def write_diffusers_export(model, out: str, dtype: str = "float32", option: str 
     base = str(model.hparams.pretrained_model_name_or_path)
     manifest = {"format": "diffusers", "method": type(model).__name__, "base": base, "dtype": dtype, **manifest}
     manifest["files"] = files
-    manifest["load"] = loading_snippet(manifest, str(folder))
+    own = getattr(model, "loading_snippet", None)  # a family whose pipeline is not StableDiffusionPipeline
+    manifest["load"] = own(manifest, str(folder)) if callable(own) else loading_snippet(manifest, str(folder))
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n", option)
     return manifest
 
@@ -289,7 +290,11 @@ def export(argv: list[str]) -> None:
             check_output_file(cfg.out, "--out")
         if cfg.merged_unet and cfg.format != "diffusers":
             raise ConfigError("--merged_unet writes a diffusers UNet folder: add --format diffusers, or leave it off")
-        model, _, settings = build(cfg.config, cfg.set)
+        from lightning_modules.diffusion.base import TextToImageModule
+        from lightning_modules.removal.stages import RemovalStages
+
+        families = (TextToImageModule, RemovalStages)
+        model, _, settings = build(cfg.config, cfg.set, families, "a text-to-image method or a removal-stages one")
         if cfg.merged_unet and not callable(getattr(model, "save_merged_unet", None)):
             raise ConfigError(f"--merged_unet: {type(model).__name__} has no merged UNet to write; leave it off")
         load_weights(model, cfg.ckpt_path, None, settings)

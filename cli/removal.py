@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -125,6 +125,25 @@ def _model(cfg, family: tuple[type, ...], what: str):
     return model.eval(), datamodule
 
 
+#: `lifelong remove --sampler auto` takes the LCM student for this many steps or fewer
+FAST_STEPS = 8
+
+
+def _sampler(model, choice: str, steps: int | None) -> dict[str, str]:
+    """The `sampler` argument of the model's `remove` ({} for a plain RORem, which has one sampler)."""
+    has_fast = "lcm" in getattr(model, "adapters", ())
+    if choice == "fast" and not has_fast:
+        raise ConfigError(
+            f"--sampler fast: {type(model).__name__} has no LCM student; use a LCMDistill or RemovalStages config "
+            "with an lcm stage, or --sampler full"
+        )
+    if not hasattr(model, "adapters"):
+        return {}
+    if choice == "auto":
+        choice = "fast" if has_fast and steps is not None and steps <= FAST_STEPS else "full"
+    return {"sampler": choice}
+
+
 def remove(argv: list[str]) -> None:
     """`lifelong remove`: RORem's removal of the masked objects, written as a RORem folder (source/, mask/, GT/
     = the removals, meta.json) that can be labelled and used as discriminator data; with a ground truth (a
@@ -138,6 +157,13 @@ def remove(argv: list[str]) -> None:
     parser.add_argument("--steps", type=PositiveInt | None, default=None, help="sampling steps (RORem: 50)")
     parser.add_argument("--strength", type=float | None, default=None, help="RORem: 0.99")
     parser.add_argument("--mask_dilation", type=int | None, default=None, help="grow the mask by a square this wide")
+    parser.add_argument(
+        "--sampler",
+        type=Literal["auto", "full", "fast"],
+        default="auto",
+        help="full: RORem's pipeline; fast: the LCM student (a model with an lcm adapter); auto: fast when the model "
+        f"has one and --steps is at most {FAST_STEPS}",
+    )
     try:
         cfg = parse_args(parser, argv)
         out = check_output_folder(cfg.out, "--out")
@@ -150,11 +176,12 @@ def remove(argv: list[str]) -> None:
             model.mask_dilation = cfg.mask_dilation
         if cfg.strength is not None and not 0 < cfg.strength <= 1:
             raise ConfigError(f"--strength must be in (0, 1], got {cfg.strength}")
+        sampler = _sampler(model, cfg.sampler, cfg.steps)
         items = _read_inputs(cfg, datamodule.stream.resolution, edited=False)
         entries, scores = [], {}
         for k, (names, batch) in enumerate(_batches(items, cfg.batch_size)):
             seeds = [cfg.seed + k * cfg.batch_size + i for i in range(len(names))]
-            result = model.remove(batch["source"], batch["mask"], seeds, cfg.steps, cfg.strength)
+            result = model.remove(batch["source"], batch["mask"], seeds, cfg.steps, cfg.strength, **sampler)
             d = model.score(batch["source"], batch["mask"], result, seeds) if model.scorer is not None else None
             for i, name in enumerate(names):
                 for sub, image in (("source", batch["source"][i]), ("mask", batch["mask"][i]), ("GT", result[i])):

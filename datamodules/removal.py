@@ -20,6 +20,8 @@ A source is one of:
 - a RORem `meta.json` (or the folder holding it): a JSON array of {"source", "mask", "GT"[, "score"]}
   objects, paths relative to the file's folder; for discriminator data GT is the removal being judged and
   `score` its label (read with float(), soft labels allowed);
+- preference pairs for Diffusion-DPO: a meta.json whose objects are {"source", "mask", "preferred", "rejected"}
+  (items then carry `rejected`; `target` is the preferred removal);
 - a `.tar` webdataset shard pattern (brace notation allowed, relative to the current folder) whose samples
   hold `<key>.source.png`, `<key>.mask.png`, `<key>.gt.png` (png or jpg) and optionally `<key>.score.txt`.
 
@@ -67,7 +69,7 @@ DOMAINS = BASE_DOMAINS + tuple(d + JUDGED for d in BASE_DOMAINS)
 DEFAULT_COUNTS = {"train": 256, "inputs": 64, "eval": 32}
 SHARD_IMAGES = ("png", "jpg", "jpeg")
 #: the batch fields the joint flip mirrors
-FLIPPED = ("source", "mask", "target")
+FLIPPED = ("source", "mask", "target", "rejected")
 
 
 # -- the ground-truth judge ------------------------------------------------------------------------------
@@ -122,12 +124,14 @@ def preprocess_mask(image, resolution: int, binarize: bool = False) -> Tensor:
 
 
 def joint_flip(batch: dict[str, Tensor], p: float = 0.5) -> dict[str, Tensor]:
-    """Mirrors each sample's source, mask and target together (left-right) with probability `p`, drawn by
-    `torch.rand` on the batch's device (the global RNG, which the datamodule seeds per training step)."""
+    """Mirrors each sample's source, mask and target (and a pair's rejected removal) together (left-right) with
+    probability `p`, drawn by `torch.rand` on the batch's device (the global RNG, seeded per training step)."""
     source = batch["source"]
     flip = torch.rand(source.shape[0], device=source.device) < p
     out = dict(batch)
     for key in FLIPPED:
+        if key not in batch:
+            continue
         x = batch[key]
         out[key] = torch.where(flip.view(-1, *([1] * (x.dim() - 1))), x.flip(-1), x)
     return out
@@ -150,6 +154,7 @@ class Triplet:
     mask: Path
     target: Path | None
     score: float | None = None
+    rejected: Path | None = None  # preference pairs: the dispreferred removal (`target` is the preferred one)
 
 
 def image_problem(data: Path | bytes) -> str | None:
@@ -203,7 +208,13 @@ def _scan_meta(path: str | Path, need_score: bool, allow_missing_gt: bool) -> tu
             continue
         files: dict[str, Path] = {}
         bad = False
-        for key in META_KEYS:
+        pair = "preferred" in entry or "rejected" in entry
+        if pair:  # a preference pair (Diffusion-DPO): {source, mask, preferred, rejected}; preferred plays GT
+            entry = {k: v for k, v in entry.items() if k != "GT"} | {"GT": entry.get("preferred")}
+            if entry["GT"] is None:
+                problems.append(f"{where}: a preference pair (it has 'rejected') without a 'preferred' key")
+                continue
+        for key in META_KEYS + (("rejected",) if pair else ()):
             if key not in entry:
                 if not (key == "GT" and allow_missing_gt):
                     problems.append(f"{where}: no {key!r} key")
@@ -240,7 +251,7 @@ def _scan_meta(path: str | Path, need_score: bool, allow_missing_gt: bool) -> tu
             problems.append(f"{where}: no 'score' key (discriminator data labels every entry: 1 good, 0 failed)")
             bad = True
         if not bad:
-            triplets.append(Triplet(files["source"], files["mask"], files.get("GT"), score))
+            triplets.append(Triplet(files["source"], files["mask"], files.get("GT"), score, files.get("rejected")))
     return triplets, problems
 
 
@@ -583,7 +594,7 @@ class EncodedTriplets(Dataset):
             "score": torch.tensor(math.nan if record.score is None else record.score, dtype=torch.float32),
             "has_target": torch.tensor(has_target),
             "index": i,
-        }
+        } | ({"rejected": preprocess_image(load_rgb(record.rejected), r)} if getattr(record, "rejected", None) else {})
 
 
 class RoundDataset(Dataset):
@@ -638,6 +649,8 @@ class RemovalDataModule(ContinualDataModule):
     need_score: every train and eval entry must carry a score (discriminator data); embedded `-judged`
         domains have one.
     train_on: `seen` (default) retrains on every round's data so far, as RORem fine-tunes on the accumulated set.
+    shared_eval: every round's embedded eval sources draw the first round's images (so a stream of methods,
+        `RemovalStages`, compares its samplers on the same held-out items); False: each round its own.
     """
 
     def __init__(
@@ -651,6 +664,7 @@ class RemovalDataModule(ContinualDataModule):
         batch_size: int = 4,
         eval_batch_size: int = 16,
         train_on: Literal["current", "seen", "all"] = "seen",
+        shared_eval: bool = False,
         **kwargs: Any,
     ):
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, train_on=train_on, **kwargs)
@@ -660,6 +674,7 @@ class RemovalDataModule(ContinualDataModule):
         self.binarize_mask = binarize_mask
         self.random_flip = random_flip
         self.need_score = need_score
+        self.shared_eval = shared_eval
         self.counts = self._check_counts(counts)
         if not rounds:
             raise ConfigError("data.rounds is empty: list at least one round ({name, train, eval})")
@@ -763,7 +778,10 @@ class RemovalDataModule(ContinualDataModule):
 
     # -- reading -----------------------------------------------------------------------------------
     def slot_seed(self, round_id: int, slot: str) -> int:
-        """The embedded seed of a (round, slot): rounds and slots see different images."""
+        """The embedded seed of a (round, slot): rounds and slots see different images (with `shared_eval`,
+        every round's eval slot the first round's)."""
+        if slot == "eval" and self.shared_eval:
+            round_id = 0
         return 1000 * round_id + SLOTS.index(slot)
 
     def _read(self, source: _Source, round_id: int, slot: str) -> Dataset:

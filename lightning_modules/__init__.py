@@ -27,7 +27,15 @@ from lightning_modules.diffusion import (
     SequentialReward,
     TextToImageModule,
 )
-from lightning_modules.removal import RemovalDiscriminator, RemovalModule, RORem
+from lightning_modules.removal import (
+    DiffusionDPO,
+    LCMDistill,
+    RemovalDiscriminator,
+    RemovalModule,
+    RemovalPPO,
+    RemovalStages,
+    RORem,
+)
 from lightning_modules.robot import (
     DMPEL,
     L2M,
@@ -51,12 +59,14 @@ __all__ = [
     "ContinualModule",
     "CustomDiffusion",
     "DERpp",
+    "DiffusionDPO",
     "Finetune",
     "ICaRL",
     "IsCiL",
     "Joint",
     "JointReward",
     "L2M",
+    "LCMDistill",
     "LMSRR",
     "LoRAGroup",
     "LwF",
@@ -65,6 +75,8 @@ __all__ = [
     "RORem",
     "RemovalDiscriminator",
     "RemovalModule",
+    "RemovalPPO",
+    "RemovalStages",
     "ReplayModule",
     "RewardDistillation",
     "RewardTuningModule",

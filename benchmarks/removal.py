@@ -251,7 +251,10 @@ def main() -> None:
         "",
         *READING,
     ]
-    Path(args.markdown).write_text("\n".join(doc) + "\n")
+    path = Path(args.markdown)
+    marker = "<!-- benchmarks/removal_rl.py writes below this line -->"
+    tail = path.read_text().partition(marker) if path.exists() else ("", "", "")
+    path.write_text("\n".join(doc) + "\n" + (f"\n{marker}{tail[2]}" if tail[1] else ""))  # keeps removal_rl.py's
     print(f"wrote {args.markdown}")
 
 

@@ -651,6 +651,8 @@ class RemovalDataModule(ContinualDataModule):
     train_on: `seen` (default) retrains on every round's data so far, as RORem fine-tunes on the accumulated set.
     shared_eval: every round's embedded eval sources draw the first round's images (so a stream of methods,
         `RemovalStages`, compares its samplers on the same held-out items); False: each round its own.
+    train_needs_target: False lets train entries lack GT, as inputs do (the online methods read only source and
+        mask: DPO with online pairs, PPO); their target is a copy of the source.
     """
 
     def __init__(
@@ -665,6 +667,7 @@ class RemovalDataModule(ContinualDataModule):
         eval_batch_size: int = 16,
         train_on: Literal["current", "seen", "all"] = "seen",
         shared_eval: bool = False,
+        train_needs_target: bool = True,
         **kwargs: Any,
     ):
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, train_on=train_on, **kwargs)
@@ -675,6 +678,7 @@ class RemovalDataModule(ContinualDataModule):
         self.random_flip = random_flip
         self.need_score = need_score
         self.shared_eval = shared_eval
+        self.train_needs_target = train_needs_target
         self.counts = self._check_counts(counts)
         if not rounds:
             raise ConfigError("data.rounds is empty: list at least one round ({name, train, eval})")
@@ -785,7 +789,8 @@ class RemovalDataModule(ContinualDataModule):
         return 1000 * round_id + SLOTS.index(slot)
 
     def _read(self, source: _Source, round_id: int, slot: str) -> Dataset:
-        scored, inputs = self.need_score and slot != "inputs", slot == "inputs"
+        scored = self.need_score and slot != "inputs"
+        inputs = slot == "inputs" or (slot == "train" and not self.train_needs_target)
         if source.kind == "meta":
             records = read_meta(source.value, scored, inputs, source.option)
         elif source.kind == "shards":

@@ -26,6 +26,7 @@ RID = "diffusion/rid_rewards_tiny.yaml"
 ROREM = "removal/rorem_tiny.yaml"
 ENGINE = "removal/data_engine_tiny.yaml"
 DISCRIMINATOR = "removal/discriminator_tiny.yaml"
+STAGES = "removal/stages_tiny.yaml"
 NO_DISCRIMINATOR = ("--model.init_args.discriminator=null",)
 ROBOT_FAST = (
     "--data.init_args.suite=null",
@@ -962,6 +963,42 @@ CASES = [
         "score with a remover that has no discriminator",
         lambda f: ["score", "-c", config(ROREM), "--meta", str(f / "set/meta.json"), "--out", str(f / "s.json")],
         ("model.discriminator is not set",),
+        lambda f, t: write_embedded_removal(f / "set", count=1),
+    ),
+    # -- the methods after RORem: LCM, DPO, PPO as stages ---------------------------------------------------
+    Case(
+        "a removal stage that does not exist",
+        lambda f: fit_args(STAGES, f / "run", "--model.init_args.stages=[rorem, distill, lcm, dpo, ppo]"),
+        ("model.stages[1]", "'distill'", "rorem, discriminator, lcm, dpo, ppo"),
+    ),
+    Case(
+        "fewer removal stages than rounds",
+        lambda f: fit_args(STAGES, f / "run", "--model.init_args.stages=[rorem, lcm]"),
+        ("model.stages has 2 entries", "5 rounds"),
+    ),
+    Case(
+        "a PPO stage before any discriminator",
+        lambda f: fit_args(STAGES, f / "run", "--model.init_args.stages=[rorem, ppo, lcm, dpo, discriminator]"),
+        ("model.stages[1] (ppo)", "D_phi", "discriminator stage first"),
+    ),
+    Case(
+        "a removal run started from another method's checkpoint",
+        lambda f: fit_args(STAGES, f / "run", f"--model.init_args.init_from={f / 'er.ckpt'}"),
+        ("model.init_from", "er.ckpt", "none of its tensors fits"),
+        lambda f, t: shutil.copy(t / "checkpoints" / "last.ckpt", f / "er.ckpt"),
+    ),
+    Case(
+        "an LCM strength that leaves no step",
+        lambda f: fit_args(STAGES, f / "run", "--model.init_args.lcm.strength=0.1"),
+        ("model.lcm.strength", "at least one"),
+    ),
+    Case(
+        "remove with the fast sampler and no LCM student",
+        lambda f: (
+            ["remove", "-c", config(ROREM), "--meta", str(f / "set/meta.json"), "--out", str(f / "o")]
+            + ["--sampler", "fast"]
+        ),
+        ("--sampler fast", "no LCM student"),
         lambda f, t: write_embedded_removal(f / "set", count=1),
     ),
 ]

@@ -23,6 +23,7 @@ so a stage also runs alone. Checkpoints hold what this run learned plus what `in
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import time
 import warnings
@@ -172,6 +173,17 @@ class RemovalStages(ConsistencyDistillation, PreferenceOptimisation, PolicyGradi
                 raise ConfigError(
                     f"model.stages[{k}] ({stage}) scores removals with D_phi, but none is trained before it or "
                     "loaded: put a discriminator stage first, or set model.discriminator / model.init_from"
+                )
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and "lcm" in self.stages and self.lcm.target == "ema":
+            from callbacks.ema_teacher import EMATeacher
+
+            if not any(isinstance(c, EMATeacher) for c in self.trainer.callbacks):
+                raise ConfigError(
+                    "model.lcm.target ema averages the student with callbacks.EMATeacher: add it to trainer.callbacks "
+                    "(full LCM: momentum 0.95), or use lcm.target: student (LCM-LoRA)"
                 )
 
     @property
@@ -417,6 +429,11 @@ class RemovalStages(ConsistencyDistillation, PreferenceOptimisation, PolicyGradi
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         stage = self.stage
+        if stage in ("rorem", "lcm") and not bool(batch["has_target"].all()):
+            raise ConfigError(
+                f"data.rounds[{self.current_task}]: the {stage} stage trains on ground truths, but an entry has no GT; "
+                "give this round triplets with GT (data.train_needs_target: false is for the dpo and ppo stages)"
+            )
         if stage == "rorem":
             return super().training_step(batch, batch_idx)
         if stage == "discriminator":
@@ -446,9 +463,9 @@ class RemovalStages(ConsistencyDistillation, PreferenceOptimisation, PolicyGradi
             from diffusers import LCMScheduler
 
             pipe = self.__dict__["_fast_pipeline"] = inpainting_pipeline(self.parts)
-            pipe.scheduler = LCMScheduler.from_config(
-                self.parts.noise_scheduler.config, original_inference_steps=self.lcm.num_ddim_timesteps
-            )
+            known = inspect.signature(LCMScheduler.__init__).parameters  # the base's Euler keys LCM does not take
+            config = {k: v for k, v in self.parts.noise_scheduler.config.items() if k in known}
+            pipe.scheduler = LCMScheduler.from_config(config, original_inference_steps=self.lcm.num_ddim_timesteps)
         return pipe
 
     @torch.no_grad()

@@ -55,3 +55,23 @@ def test_remove_writes_the_models_removals_as_labelled_rorem_data_and_score_read
     assert len(scores) == 3 and all(s >= 0 for s in scores)
     assert report["success_0.5"] == pytest.approx(sum(s >= 0.5 for s in scores) / 3)
     assert report["labelled"] == 3 and 0 <= report["agreement_0.5"] <= 1
+
+
+def test_remove_with_4_steps_takes_the_lcm_sampler_of_a_stages_model(tmp_path):
+    """`--steps 4` on a model with an lcm adapter removes with the fast sampler (diffusers' LCMScheduler with the
+    student on; untrained here, so the base UNet): the written removals are its fast ones, not the 4-step
+    removals of RORem's pipeline."""
+    from cli.diffusion import build
+    from lightning_modules.removal import RemovalStages
+
+    inputs = write_embedded_removal(tmp_path / "in", "digits-on-photos", "test", 2, 0)
+    stages = config("removal/stages_tiny.yaml")
+    main(["remove", "-c", stages, "--meta", str(inputs), "--out", str(tmp_path / "out"), "--steps", "4"])
+    written = EncodedTriplets(read_meta(tmp_path / "out" / "meta.json"), 32)
+    model, _, _ = build([stages], [], RemovalStages, "RemovalStages")
+    data = EncodedTriplets(read_meta(inputs), 32)
+    batch = {k: torch.stack([data[i][k] for i in range(2)]) for k in ("source", "mask")}
+    fast = model.eval().remove(batch["source"], batch["mask"], [0, 1], 4, sampler="fast")
+    full = model.remove(batch["source"], batch["mask"], [0, 1], 4, sampler="full")
+    assert not torch.allclose(fast, full, atol=0.05)
+    assert all(torch.allclose(written[i]["target"], fast[i], atol=2 / 255 + 1e-6) for i in range(2))

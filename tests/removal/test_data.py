@@ -153,6 +153,41 @@ def test_entries_without_gt_are_inputs_only(written, tmp_path):
     assert len(inputs) == 5 and not item["has_target"] and torch.equal(item["target"], item["source"])
 
 
+def test_train_entries_may_lack_gt_when_the_method_reads_only_source_and_mask(written):
+    entries = [{k: v for k, v in e.items() if k != "GT"} for e in json.loads(written.read_text())]
+    meta = written.parent / "inputs_for_training.json"
+    meta.write_text(json.dumps(entries))
+    train = one_round(str(meta), train_needs_target=False).train_dataset(0)
+    assert len(train) == 5 and not bool(train[0]["has_target"])
+
+
+def test_preference_pairs_read_the_preferred_as_target_and_carry_the_rejected(written):
+    entries = json.loads(written.read_text())
+    pairs = [
+        {"source": e["source"], "mask": e["mask"], "preferred": e["GT"], "rejected": entries[-1 - i]["GT"]}
+        for i, e in enumerate(entries)
+    ]
+    meta = written.parent / "pairs.json"
+    meta.write_text(json.dumps(pairs))
+    (record,) = read_meta(meta)[:1]
+    assert record.target == written.parent / entries[0]["GT"] and record.rejected == written.parent / entries[-1]["GT"]
+    item = one_round(str(meta)).train_dataset(0)[1]
+    plain = one_round(str(written)).train_dataset(0)
+    assert torch.equal(item["target"], plain[1]["target"]) and torch.equal(item["rejected"], plain[3]["target"])
+    broken = written.parent / "broken_pairs.json"
+    broken.write_text(json.dumps([{"source": e["source"], "mask": e["mask"], "rejected": e["GT"]} for e in entries]))
+    assert "entry 0: a preference pair (it has 'rejected') without a 'preferred' key" in check_meta(broken)[0]
+
+
+def test_shared_eval_gives_every_round_the_first_rounds_held_out_images():
+    rounds = [{"train": "embedded:digits-on-photos", "eval": "embedded:digits-on-photos"}] * 2
+    rounds = [dict(r, name=f"r{k}") for k, r in enumerate(rounds)]
+    shared = RemovalDataModule(rounds=rounds, counts=COUNTS, shared_eval=True)
+    own = RemovalDataModule(rounds=rounds, counts=COUNTS)
+    assert torch.equal(stacked(shared.eval_dataset(1))["source"], stacked(shared.eval_dataset(0))["source"])
+    assert not torch.equal(stacked(own.eval_dataset(1))["source"], stacked(own.eval_dataset(0))["source"])
+
+
 # -- pre-processing --------------------------------------------------------------------------------------
 def test_preprocessing_squashes_scales_and_keeps_the_mask_soft():
     # A constant 30 x 10 image: every resized pixel is the colour, scaled to [-1, 1].

@@ -137,6 +137,7 @@ class RemovalStages(ConsistencyDistillation, PreferenceOptimisation, PolicyGradi
         self._last_remove_seconds = 0.0
         self._ema_target: dict[str, Tensor] | None = None  # the lcm adapter's EMA (callbacks.EMATeacher)
         self.advantage_stats = self.ppo.stat_tracker()
+        self._train_stage(self.stages[0])  # DDP wraps the model before the first optimizer is built
 
     # -- the stream ---------------------------------------------------------------------------------
     @classmethod
@@ -177,6 +178,12 @@ class RemovalStages(ConsistencyDistillation, PreferenceOptimisation, PolicyGradi
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
+        if stage == "fit" and self.trainer.world_size > 1 and len(set(self.stages)) > 1:
+            raise ConfigError(
+                f"model.stages: a stream of different methods ({', '.join(dict.fromkeys(self.stages))}) trains other "
+                "parameters in each stage, which DDP cannot follow; run it on one device, or each stage as its own "
+                "fit (LCMDistill, DiffusionDPO, RemovalPPO with model.init_from) under DDP"
+            )
         if stage == "fit" and "lcm" in self.stages and self.lcm.target == "ema":
             from callbacks.ema_teacher import EMATeacher
 
@@ -393,7 +400,10 @@ class RemovalStages(ConsistencyDistillation, PreferenceOptimisation, PolicyGradi
     def trainable_parameters(self) -> list[dict[str, Any]]:
         """The current stage's parameters (and only those require grad): the UNet's own weights (rorem), D_phi's
         LoRA and head (discriminator), the lcm adapter (lcm) or the policy adapter (dpo, ppo)."""
-        stage = self.stage
+        return [self._train_stage(self.stage)]
+
+    def _train_stage(self, stage: str) -> dict[str, Any]:
+        """Marks `stage`'s parameters, and only those, as requiring grad; returns their optimizer group."""
         for p in self.parameters():
             p.requires_grad_(False)
         if stage == "rorem":
@@ -406,8 +416,12 @@ class RemovalStages(ConsistencyDistillation, PreferenceOptimisation, PolicyGradi
             group = {"params": list(self.adapter_parameters(ADAPTERS[stage]).values()), "lr": settings.lr}
         for p in group["params"]:
             p.requires_grad_(True)
-        self.use(self.training_mode())
-        return [group]
+        self.use("fast" if stage == "lcm" else "full")
+        return group
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._train_stage(self.stage)  # the resumed task's parameters, before DDP sees which ones train
 
     def conditioning(self, batch: dict[str, Tensor], repeat: int = 1) -> tuple[Tensor, Tensor]:
         """(mask at latent size, masked-source latents) of the batch, each row `repeat` times."""
@@ -464,8 +478,10 @@ class RemovalStages(ConsistencyDistillation, PreferenceOptimisation, PolicyGradi
 
             pipe = self.__dict__["_fast_pipeline"] = inpainting_pipeline(self.parts)
             known = inspect.signature(LCMScheduler.__init__).parameters  # the base's Euler keys LCM does not take
-            config = {k: v for k, v in self.parts.noise_scheduler.config.items() if k in known}
-            pipe.scheduler = LCMScheduler.from_config(config, original_inference_steps=self.lcm.num_ddim_timesteps)
+            config = {k: v for k, v in self.parts.scheduler.config.items() if k in known}
+            pipe.scheduler = LCMScheduler.from_config(
+                config, original_inference_steps=self.lcm.num_ddim_timesteps, clip_sample=False
+            )
         return pipe
 
     @torch.no_grad()

@@ -268,6 +268,15 @@ def test_the_lcm_export_loads_into_a_stock_sdxl_inpainting_pipeline(stages, tmp_
         output_type="pt",
     ).images
     torch.testing.assert_close(theirs * 2 - 1, ours, atol=2e-4, rtol=0)
+    model.merge_adapters()  # LoRAMerge's hook: each sampler's adapters folded in while the model only samples
+    try:
+        assert model.adapters_merged()
+        merged = model.remove(batch["source"], batch["mask"], [0, 1], sampler="fast")
+        assert model.adapters_merged()
+    finally:
+        model.unmerge_adapters()
+    assert not model.adapters_merged()
+    torch.testing.assert_close(merged, ours, atol=2e-4, rtol=0)
     loading = model.loading_snippet({**manifest, "base": "BASE"}, "OUT")
     assert 'pipe.load_lora_weights("OUT", weight_name="lcm_lora.safetensors", adapter_name="lcm")' in loading
 

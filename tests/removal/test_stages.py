@@ -331,3 +331,33 @@ def test_the_stream_of_all_methods_killed_inside_lcm_and_inside_ppo_resumes_to_t
     assert a["tasks"] == ["rorem", "discriminator", "lcm", "dpo", "ppo"]
     assert all(len(row) == 5 for row in a["metrics"]["gt_success"]["matrix"])
     assert json.dumps(a)  # a plain JSON report (no NaN from a metric some stage lacks)
+
+
+def test_a_stage_starts_alone_from_a_rorem_checkpoint_and_its_checkpoint_carries_what_it_started_from(tmp_path):
+    """LCMDistill with init_from = a RORem checkpoint (plain UNet keys): the UNet's weights land under peft's
+    base_layer, the student starts at zero, and the run's delta holds the loaded UNet beside the adapter."""
+    from datamodules.removal import RemovalDataModule
+    from lightning_modules.removal import LCMDistill, RORem
+    from lightning_modules.removal.lcm import LCMSettings
+
+    rounds = [{"name": "r", "train": "embedded:digits-on-photos", "eval": "embedded:digits-on-photos"}]
+    dm = RemovalDataModule(rounds=rounds, counts={"train": 2, "inputs": 0, "eval": 2})
+    rorem = RORem(stream=dm.stream)
+    with torch.no_grad():
+        rorem.parts.unet.conv_in.weight.add_(1.0)
+        rorem.parts.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight.mul_(2.0)
+    path = tmp_path / "rorem.ckpt"
+    torch.save({"state_dict": rorem.delta_state_dict()}, path)
+    student = LCMDistill(stream=dm.stream, init_from=str(path), lcm=LCMSettings(rank=4, lora_alpha=4))
+    to_q = student.parts.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
+    assert torch.equal(student.parts.unet.conv_in.weight, rorem.parts.unet.conv_in.weight)
+    assert torch.equal(
+        to_q.base_layer.weight, rorem.parts.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight
+    )
+    assert torch.count_nonzero(to_q.lora_B["lcm"].weight) == 0
+    delta = student.delta_state_dict()
+    assert "parts.unet.conv_in.weight" in delta and any(".lora_A.lcm." in k for k in delta)
+    assert not any(".lora_A.policy." in k for k in delta) and student.adapters == ["lcm"]
+    assert {id(p) for p in student.trainable_parameters()[0]["params"]} == {
+        id(p) for p in student.adapter_parameters("lcm").values()
+    }

@@ -8,8 +8,8 @@ For each pair, one t ~ U{0..999} and one eps, shared by the preferred (w) and re
 
 so the loss falls when the policy's error on the preferred removal drops relative to the reference's. Pairs
 come from the data (`target` = preferred, `rejected`; a meta.json with `preferred` and `rejected` keys) or
-are made online: two removals per input from the current policy, ranked by D_phi, kept when their scores
-differ by at least `margin`.
+are made online: K removals per input from the current policy, scored by D_phi, the best against the worst,
+kept when their scores differ by at least `margin`.
 """
 
 from __future__ import annotations
@@ -30,13 +30,15 @@ class DPOSettings:
     """beta: the KL weight with T, omega and 1/2 absorbed (5000 in both reference codes).
     lr: the policy adapter's learning rate (diffusers' LoRA variant: 1e-5; Salesforce's full UNet: 2.048e-5).
     pairs: `data` (the round's entries carry `rejected`) or `online` (sampled and ranked by D_phi each step).
+    online_samples: removals per input per step (K >= 2); the best- and worst-scored make the pair (the spec: K >= 4).
     online_steps: the removal steps of the online samples (None: the evaluation's).
-    margin: online pairs whose two scores differ by less are left out of the loss (the spec's delta).
+    margin: online pairs whose two scores differ by less are left out of the loss (the spec's delta: 0.3).
     """
 
     beta: float = 5000.0
     lr: float = 1e-5
     pairs: Literal["data", "online"] = "online"
+    online_samples: int = 4
     online_steps: int | None = None
     margin: float = 0.0
 
@@ -45,6 +47,8 @@ class DPOSettings:
             raise ConfigError(f"model.dpo.pairs: {self.pairs!r} is not one of data, online")
         if self.beta <= 0 or self.margin < 0:
             raise ConfigError("model.dpo.beta must be positive and model.dpo.margin at least 0")
+        if self.online_samples < 2:
+            raise ConfigError(f"model.dpo.online_samples must be at least 2 (a pair), got {self.online_samples}")
         if self.online_steps is not None and self.online_steps < 1:
             raise ConfigError(f"model.dpo.online_steps must be at least 1, got {self.online_steps}")
 
@@ -64,16 +68,19 @@ class PreferenceOptimisation:
                 )
             return batch["target"], batch["rejected"], torch.ones(len(batch["target"]), device=self.device)
         source, mask = batch["source"], batch["mask"]
-        seeds = torch.randint(0, 2**31 - 1, (2, len(source))).tolist()  # the step's RNG: a resumed run redraws them
+        k = self.dpo.online_samples
+        seeds = torch.randint(0, 2**31 - 1, (k, len(source))).tolist()  # the step's RNG: a resumed run redraws them
         with torch.no_grad():
-            removals = [self.remove(source, mask, s, self.dpo.online_steps, sampler="full") for s in seeds]
-            scores = [self.score(source, mask, r, s) for r, s in zip(removals, seeds, strict=True)]
-        first_wins = (scores[0] >= scores[1]).view(-1, 1, 1, 1)
-        preferred = torch.where(first_wins, removals[0], removals[1])
-        rejected = torch.where(first_wins, removals[1], removals[0])
-        kept = ((scores[0] - scores[1]).abs() >= self.dpo.margin).float()
-        self.log("train/pair_margin", (scores[0] - scores[1]).abs().mean(), batch_size=len(source))
-        return preferred, rejected, kept
+            removals = torch.stack([self.remove(source, mask, s, self.dpo.online_steps, sampler="full") for s in seeds])
+            scores = torch.stack([self.score(source, mask, r, s) for r, s in zip(removals, seeds, strict=True)])
+        rows = torch.arange(len(source), device=scores.device)
+        best, worst = scores.argmax(0), scores.argmin(0)  # the best- and worst-scored of the K, per input
+        margin = scores[best, rows] - scores[worst, rows]
+        kept = (margin >= self.dpo.margin).float() * (best != worst).float()
+        self.log("train/pair_margin", margin.mean(), batch_size=len(source))
+        self.log("train/pairs_kept", kept.mean(), batch_size=len(source))
+        best, worst, rows = best.to(removals.device), worst.to(removals.device), rows.to(removals.device)
+        return removals[best, rows], removals[worst, rows], kept
 
     def dpo_step(self, batch: dict[str, Any]) -> Tensor:
         parts = self.parts

@@ -41,7 +41,7 @@ from lightning_modules.removal.ppo import PolicyGradient, PPOSettings
 from lightning_modules.removal.rorem import RORem
 
 STAGES = ("rorem", "discriminator", "lcm", "dpo", "ppo")
-#: stages that read D_phi's scores (PPO's reward; DPO's online pairs and reward-weighted LCM when set)
+#: the adapter each adapter-training stage trains
 ADAPTERS = {"lcm": "lcm", "dpo": "policy", "ppo": "policy"}
 
 

@@ -85,6 +85,22 @@ class RemovalModule(ContinualModule):
         context, pooled = self.prompt_conditioning("")
         return self.scorer.score(self.parts, source, mask, edited, context, pooled, self.binarize_mask, generator)
 
+    def scorer_step(self, batch: dict[str, Tensor], where: str = "data") -> Tensor:
+        """D_phi's training step on labelled removals (`target` = the removal judged, `score` = its label): RORem's
+        MSE of the softplus score to the label, logged; an entry without a label is one line naming `where`."""
+        from lightning_modules.removal.discriminator import scorer_loss
+
+        if torch.isnan(batch["score"]).any():
+            raise ConfigError(
+                f"{where}: a training entry has no score; the discriminator needs labelled removals (a meta.json "
+                "with scores, or an embedded -judged domain)"
+            )
+        loss = scorer_loss(self.score_removals(batch["source"], batch["mask"], batch["target"]), batch["score"])
+        b = batch["score"].shape[0]
+        self.log("train/mse", loss, batch_size=b)
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        return loss
+
     @staticmethod
     def is_scorer_delta(name: str) -> bool:
         """Whether state-dict entry `name` is D_phi's learned part (`scorer.` and a LoRA matrix or the head)."""

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from cli.errors import ConfigError
 from lightning_modules.removal.base import RemovalModule
 
 
@@ -73,13 +72,7 @@ class RemovalDiscriminator(RemovalModule):
         return self.score_removals(batch["source"], batch["mask"], batch["target"], generator)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        if torch.isnan(batch["score"]).any():
-            raise ConfigError("data: a training entry has no score; the discriminator needs labelled removals")
-        loss = scorer_loss(self.scores(batch), batch["score"])
-        b = batch["score"].shape[0]
-        self.log("train/mse", loss, batch_size=b)
-        self.log("train/loss", loss, prog_bar=True, batch_size=b)
-        return loss
+        return self.scorer_step(batch)
 
     @torch.no_grad()
     def eval_step(self, batch: dict[str, Any], task_id: int) -> dict[str, Tensor]:

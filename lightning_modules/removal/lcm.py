@@ -250,6 +250,5 @@ class ConsistencyDistillation:
         elif kind == "teacher":
             edited = self.parts.decode_latents(teacher_x0) * 2 - 1
         else:
-            with self.using("fast"):
-                edited = self.remove(source, mask, seeds, sampler="fast")
+            edited = self.remove(source, mask, seeds, sampler="fast")
         return self.score(source, mask, edited, seeds)

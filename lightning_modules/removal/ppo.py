@@ -128,7 +128,6 @@ class PolicyGradient:
         params = list(self.adapter_parameters("policy").values())
         accumulated = [torch.zeros_like(p) for p in params]
         stats: dict[str, list[Tensor]] = {"loss": [], "approx_kl": [], "clipfrac": []}
-        ratios = []
         for j in order:  # one graph at a time: the gradients of the steps add up, as DDPO accumulates them
             t = scheduler.timesteps[j]
             prediction = self.unet_output(latents[j], cond, t.to(self.device))
@@ -140,8 +139,6 @@ class PolicyGradient:
                     total += g
             for name in stats:
                 stats[name].append(out[name].detach().float())
-            ratios.append(out["ratio"])
-        self.last_ratios = torch.stack(ratios)  # step x row: all exactly 1 (nothing updated before them)
         b = len(keys)
         for name, value in rewards.items():
             self.log(f"train/{name}", value.mean(), batch_size=b)

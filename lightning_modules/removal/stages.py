@@ -45,6 +45,11 @@ STAGES = ("rorem", "discriminator", "lcm", "dpo", "ppo")
 ADAPTERS = {"lcm": "lcm", "dpo": "policy", "ppo": "policy"}
 
 
+def sampler_of(stage: str) -> Literal["full", "fast"]:
+    """The sampler a stage trains and is evaluated with: the 4-step one for lcm, RORem's for the others."""
+    return "fast" if stage == "lcm" else "full"
+
+
 class RemovalStages(ConsistencyDistillation, PreferenceOptimisation, PolicyGradient, RORem):
     """Args (besides `RORem`'s, which set the `full` sampler and the evaluation):
     stages: the method of each task, one of rorem, discriminator, lcm, dpo, ppo (a list as long as the data's
@@ -270,8 +275,8 @@ class RemovalStages(ConsistencyDistillation, PreferenceOptimisation, PolicyGradi
         finally:
             self.use(self.training_mode())
 
-    def training_mode(self) -> Literal["full", "fast", "reference"]:
-        return "fast" if self.stage == "lcm" else "full"
+    def training_mode(self) -> Literal["full", "fast"]:
+        return sampler_of(self.stage)
 
     # LoRAMerge's hooks: fold the sampler's adapters in while the model only samples.
     def merge_adapters(self) -> None:
@@ -416,7 +421,7 @@ class RemovalStages(ConsistencyDistillation, PreferenceOptimisation, PolicyGradi
             group = {"params": list(self.adapter_parameters(ADAPTERS[stage]).values()), "lr": settings.lr}
         for p in group["params"]:
             p.requires_grad_(True)
-        self.use("fast" if stage == "lcm" else "full")
+        self.use(sampler_of(stage))
         return group
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -451,22 +456,8 @@ class RemovalStages(ConsistencyDistillation, PreferenceOptimisation, PolicyGradi
         if stage == "rorem":
             return super().training_step(batch, batch_idx)
         if stage == "discriminator":
-            return self.discriminator_step(batch)
+            return self.scorer_step(batch, f"data.rounds[{self.current_task}]")
         return {"lcm": self.lcm_step, "dpo": self.dpo_step, "ppo": self.ppo_step}[stage](batch)
-
-    def discriminator_step(self, batch: dict[str, Any]) -> Tensor:
-        from lightning_modules.removal.discriminator import scorer_loss
-
-        if torch.isnan(batch["score"]).any():
-            raise ConfigError(
-                f"data.rounds[{self.current_task}]: a training entry has no score; the discriminator stage needs "
-                "labelled removals (a meta.json with scores, or an embedded -judged domain)"
-            )
-        loss = scorer_loss(self.score_removals(batch["source"], batch["mask"], batch["target"]), batch["score"])
-        b = batch["score"].shape[0]
-        self.log("train/mse", loss, batch_size=b)
-        self.log("train/loss", loss, prog_bar=True, batch_size=b)
-        return loss
 
     # -- removing and evaluating ---------------------------------------------------------------------
     @property
@@ -483,6 +474,11 @@ class RemovalStages(ConsistencyDistillation, PreferenceOptimisation, PolicyGradi
                 config, original_inference_steps=self.lcm.num_ddim_timesteps, clip_sample=False
             )
         return pipe
+
+    @property
+    def pipeline(self):
+        """The pipeline of the sampler in use: RORem's, or the LCM one (`fast_pipeline`)."""
+        return self.fast_pipeline if self._sampler == "fast" else super().pipeline
 
     @torch.no_grad()
     def remove(
@@ -507,31 +503,19 @@ class RemovalStages(ConsistencyDistillation, PreferenceOptimisation, PolicyGradi
             with self.using(sampler):
                 if sampler == "full":
                     out = super().remove(source, mask, seeds, num_inference_steps, strength, guidance_scale)
-                else:
-                    pipe, self.__dict__["_pipeline"] = self.__dict__.get("_pipeline"), self.fast_pipeline
-                    try:
-                        out = super().remove(
-                            source,
-                            mask,
-                            seeds,
-                            num_inference_steps or self.lcm.inference_steps,
-                            self.lcm.strength if strength is None else strength,
-                            1.0,
-                        )
-                    finally:
-                        self.__dict__["_pipeline"] = pipe
+                else:  # `pipeline` is the fast one while `_sampler` says so
+                    steps = num_inference_steps or self.lcm.inference_steps
+                    strength = self.lcm.strength if strength is None else strength
+                    out = super().remove(source, mask, seeds, steps, strength, 1.0)
         finally:
             self._sampler = previous
         self._last_remove_seconds = time.perf_counter() - start
         return out
 
-    def eval_sampler(self, task_id: int) -> Literal["full", "fast"]:
-        return "fast" if self.stages[task_id] == "lcm" else "full"
-
     def eval_step(self, batch: dict[str, Any], task_id: int) -> dict[str, Tensor]:
         """RORem's metrics with the task's sampler, plus `seconds_per_image` (the removal's wall time over the
         batch) and `d_agreement` (D_phi's verdict at 0.5 equals the ground-truth one)."""
-        self._sampler = self.eval_sampler(task_id)
+        self._sampler = sampler_of(self.stages[task_id])
         try:
             scores = super().eval_step(batch, task_id)
         finally:

@@ -6,6 +6,7 @@ reader or option."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -1001,7 +1002,26 @@ CASES = [
         ("--sampler fast", "no LCM student"),
         lambda f, t: write_embedded_removal(f / "set", count=1),
     ),
+    Case(
+        "DPO online pairs from one removal per input",
+        lambda f: fit_args(STAGES, f / "run", "--model.init_args.dpo.online_samples=1"),
+        ("model.dpo.online_samples", "at least 2"),
+    ),
+    Case(
+        "a preference pair without its preferred removal",
+        lambda f: ["check-data", str(f / "set" / "pairs.json")],
+        ("pairs.json", "entry 0", "without a 'preferred' key"),
+        lambda f, t: write_pairs_without_preferred(f / "set"),
+    ),
 ]
+
+
+def write_pairs_without_preferred(folder: Path) -> None:
+    """A removal set whose meta.json entries became pairs that name only the rejected removal."""
+    write_embedded_removal(folder, count=1)
+    entries = json.loads((folder / "meta.json").read_text())
+    pairs = [{"source": e["source"], "mask": e["mask"], "rejected": e["GT"]} for e in entries]
+    (folder / "pairs.json").write_text(json.dumps(pairs))
 
 
 def write_embedded_removal(folder: Path, count: int) -> None:

@@ -15,6 +15,7 @@ from datamodules.base import apply_transform, as_float_image
 from lightning_modules.base import ContinualModule
 from lightning_modules.nn.backbones import build_backbone
 from lightning_modules.nn.buffer import ReservoirBuffer
+from lightning_modules.nn.init import check_init, initialise
 
 
 class ClassIncrementalModule(ContinualModule):
@@ -23,9 +24,19 @@ class ClassIncrementalModule(ContinualModule):
     Class-IL prediction: arg-max over the classes of tasks 0..current. Task-IL prediction for task j:
     arg-max over task j's classes only. The head is allocated for all classes up front, so nothing
     grows during the stream (DDP keeps one gradient reducer for the whole run).
+
+    `head_init` (a scheme of `lightning_modules.nn.init`): null takes the backbone's own `init` (the MLP's
+    `xavier_uniform`, Mammoth's classifier included), or PyTorch's default `kaiming_uniform` for backbones
+    without one (the ViTs).
     """
 
-    def __init__(self, backbone: str = "mlp", backbone_args: dict[str, Any] | None = None, **kwargs):
+    def __init__(
+        self,
+        backbone: str = "mlp",
+        backbone_args: dict[str, Any] | None = None,
+        head_init: str | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if not self.stream.classes_per_task:
             raise ConfigError(f"{type(self).__name__} needs a class-incremental datamodule (one with classes_per_task)")
@@ -33,6 +44,10 @@ class ClassIncrementalModule(ContinualModule):
             backbone, self.stream.input_shape, input_stats=self.stream.normalization, **(backbone_args or {})
         )
         self.head = nn.Linear(self.backbone.out_features, sum(self.stream.classes_per_task))
+        if head_init is None:
+            head_init = getattr(self.backbone, "init", "kaiming_uniform")
+        if check_init(head_init, "model.head_init") != "kaiming_uniform":  # nn.Linear was built with that one
+            initialise(self.head, head_init)
         self.class_offsets = [0]
         for k in self.stream.classes_per_task:
             self.class_offsets.append(self.class_offsets[-1] + k)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from torch import Tensor, nn
 
 from cli.errors import ConfigError
+from lightning_modules.nn.init import check_init, initialise
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 
@@ -45,10 +46,15 @@ def build_backbone(
 
 @register_backbone("mlp")
 class MLP(nn.Module):
-    """Flatten, then `hidden` fully connected ReLU layers (Mammoth's MNIST MLP is hidden=(100, 100))."""
+    """Flatten, then `hidden` fully connected ReLU layers (Mammoth's MNIST MLP is hidden=(100, 100)).
 
-    def __init__(self, input_shape: Sequence[int], hidden: Sequence[int] = (100, 100)):
+    `init` (see `lightning_modules.nn.init`): `xavier_uniform` with zero bias by default, as Mammoth's MLP, so
+    that Mammoth's settings reproduce Mammoth's numbers; `kaiming_uniform` is PyTorch's default.
+    """
+
+    def __init__(self, input_shape: Sequence[int], hidden: Sequence[int] = (100, 100), init: str = "xavier_uniform"):
         super().__init__()
+        self.init = check_init(init, "model.backbone_args.init")
         if not hidden:
             raise ConfigError("model.backbone_args.hidden: give at least one hidden width, e.g. [100, 100]")
         layers: list[nn.Module] = [nn.Flatten()]
@@ -56,7 +62,7 @@ class MLP(nn.Module):
         for h in hidden:
             layers += [nn.Linear(width, h), nn.ReLU()]
             width = h
-        self.net = nn.Sequential(*layers)
+        self.net = initialise(nn.Sequential(*layers), init)
         self.out_features = width
 
     def forward(self, x: Tensor) -> Tensor:
@@ -85,10 +91,14 @@ class _BasicBlock(nn.Module):
 class ResNet18(nn.Module):
     """ResNet-18 for small images, as Mammoth uses on CIFAR and Tiny-ImageNet: a 3x3 stride-1 stem
     without max-pooling, four stages of two basic blocks (widths nf, 2nf, 4nf, 8nf; strides 1, 2, 2, 2),
-    global average pooling. 11.17 M parameters at nf = 64, 8 * nf features."""
+    global average pooling. 11.17 M parameters at nf = 64, 8 * nf features.
 
-    def __init__(self, input_shape: Sequence[int], nf: int = 64):
+    `init`: `kaiming_uniform` (PyTorch's default, which Mammoth's ResNet keeps), `kaiming_normal` (torchvision's
+    ResNet) or `xavier_uniform`."""
+
+    def __init__(self, input_shape: Sequence[int], nf: int = 64, init: str = "kaiming_uniform"):
         super().__init__()
+        self.init = check_init(init, "model.backbone_args.init")
         channels = input_shape[0]
         self.stem = nn.Sequential(nn.Conv2d(channels, nf, 3, 1, 1, bias=False), nn.BatchNorm2d(nf), nn.ReLU())
         stages, cin = [], nf
@@ -98,6 +108,8 @@ class ResNet18(nn.Module):
             cin = cout
         self.stages = nn.Sequential(*stages)
         self.out_features = cin
+        if init != "kaiming_uniform":  # the layers were just built with PyTorch's default
+            initialise(self, init)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.stages(self.stem(x)).mean(dim=(2, 3))

@@ -8,6 +8,8 @@ keeps per-rank state (replay buffers) in checkpoints.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -23,6 +25,10 @@ from lightning_modules.nn.distributed import gather_rank_states
 
 class ContinualModule(L.LightningModule):
     """Base of every method. `stream` comes from the datamodule (the CLI links it)."""
+
+    #: one more evaluation of a task costs a few forward passes (not rollouts or image sampling), so the
+    #: metrics callback takes the extra points of Mammoth's FWT by default (`ContinualMetrics.task_start_fwt`)
+    cheap_evaluation: bool = False
 
     def __init__(
         self,
@@ -90,6 +96,13 @@ class ContinualModule(L.LightningModule):
         return self.with_scheduler(self.build_optimizer(self.trainable_parameters()))
 
     # -- evaluation ---------------------------------------------------------------------------
+    @contextmanager
+    def evaluating_ahead(self, task_id: int) -> Iterator[None]:
+        """Inside it, `eval_step` scores as if task `task_id` had started, without running its start hooks:
+        for a classifier the class-IL arg-max then covers that task's classes (Mammoth scores the next task so
+        before its `begin_task`, for its FWT). The base changes nothing."""
+        yield
+
     def eval_step(self, batch: dict[str, Tensor], task_id: int) -> dict[str, Tensor]:
         """Per-example scores on a batch of task `task_id`, one tensor per metric name (first is primary)."""
         raise NotImplementedError

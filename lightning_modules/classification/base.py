@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -52,6 +53,8 @@ class ClassIncrementalModule(ContinualModule):
         for k in self.stream.classes_per_task:
             self.class_offsets.append(self.class_offsets[-1] + k)
 
+    cheap_evaluation = True
+
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.backbone(x))
 
@@ -61,8 +64,16 @@ class ClassIncrementalModule(ContinualModule):
 
     @property
     def seen_classes(self) -> int:
-        """Number of classes of tasks 0..current."""
-        return self.class_offsets[self.current_task + 1]
+        """Number of classes of tasks 0..current (0..t inside `evaluating_ahead(t)`)."""
+        return self.class_offsets[max(self.current_task, getattr(self, "_ahead", -1)) + 1]
+
+    @contextmanager
+    def evaluating_ahead(self, task_id: int) -> Iterator[None]:
+        self._ahead = task_id
+        try:
+            yield
+        finally:
+            self._ahead = -1
 
     @property
     def past_classes(self) -> int:
@@ -77,11 +88,15 @@ class ClassIncrementalModule(ContinualModule):
         """Raw images -> model inputs without augmentation."""
         return apply_transform(self.stream.eval_transform, x_raw)
 
-    def task_batches(self, task_id: int, augment: bool, batch_size: int = 256) -> Iterator[dict[str, Tensor]]:
-        """Task `task_id`'s training set in order, on this module's device, as model inputs
-        (`x`, augmented or not) plus the raw images (`x_raw`): for end-of-task passes (Fisher, herding)."""
+    def task_batches(
+        self, task_id: int, augment: bool, batch_size: int = 256, shuffle_seed: int | None = None
+    ) -> Iterator[dict[str, Tensor]]:
+        """Task `task_id`'s training set on this module's device, as model inputs (`x`, augmented or not) plus
+        the raw images (`x_raw`): for passes at task boundaries (Fisher, herding, LwF's warm-up). In order, or
+        shuffled by `shuffle_seed` (the same order on every rank)."""
         dataset = self.trainer.datamodule.train_dataset(task_id)
-        for batch in DataLoader(dataset, batch_size=batch_size):
+        generator = None if shuffle_seed is None else torch.Generator().manual_seed(shuffle_seed)
+        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=generator is not None, generator=generator):
             raw = as_float_image(batch["x"].to(self.device))
             yield {
                 **batch,

@@ -4,7 +4,9 @@ loss = CE + e_lambda * sum_i F_i (theta_i - theta*_i)^2, theta* being the weight
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.utils import parameters_to_vector
 
+from cli.errors import ConfigError
 from lightning_modules.classification.base import ClassIncrementalModule
 
 
@@ -47,13 +50,29 @@ class EWC(ClassIncrementalModule):
     e_lambda: penalty weight (Mammoth, S-CIFAR-10: 10).
     gamma: decay of the old Fisher at each task end (1 keeps it all).
     fisher_batch_size: examples per vectorised per-example-gradient batch when estimating the Fisher.
+    fisher_normalisation: what the summed per-example terms are divided by: `samples` (default), the task's
+        number of training examples N, an unbiased mean; `batches`: Mammoth's `ewc_on`, the training loader's
+        batches times the data's batch size, ceil(N / B) * B, which is larger than N when the last batch is
+        short (the Fisher, and so the penalty, shrink by N / (ceil(N / B) * B)).
     """
 
-    def __init__(self, e_lambda: float = 10.0, gamma: float = 1.0, fisher_batch_size: int = 64, **kwargs):
+    def __init__(
+        self,
+        e_lambda: float = 10.0,
+        gamma: float = 1.0,
+        fisher_batch_size: int = 64,
+        fisher_normalisation: Literal["samples", "batches"] = "samples",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
+        if fisher_normalisation not in ("samples", "batches"):
+            raise ConfigError(
+                f"model.fisher_normalisation: {fisher_normalisation!r} is not one of 'samples', 'batches' (Mammoth)"
+            )
         self.e_lambda = e_lambda
         self.gamma = gamma
         self.fisher_batch_size = fisher_batch_size
+        self.fisher_normalisation = fisher_normalisation
         n = sum(p.numel() for p in self.parameters())
         # Identical on every rank (each computes them from the whole task), so plain buffers.
         self.register_buffer("fisher", torch.zeros(n))
@@ -69,5 +88,8 @@ class EWC(ClassIncrementalModule):
     def on_task_end(self, task_id: int) -> None:
         # Over the task's training set, augmented as in training (Mammoth uses the train loader).
         fisher = fisher_diagonal(self, self.task_batches(task_id, augment=True, batch_size=self.fisher_batch_size))
+        if self.fisher_normalisation == "batches":
+            n, b = len(self.trainer.datamodule.train_dataset(task_id)), self.trainer.datamodule.batch_size
+            fisher = fisher * (n / (math.ceil(n / b) * b))
         self.fisher.mul_(self.gamma).add_(fisher)
         self.anchor.copy_(parameters_to_vector(self.parameters()).detach())

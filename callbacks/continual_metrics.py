@@ -83,14 +83,20 @@ def summarize(matrix: Matrix, untrained: list[float] | None = None, seen_all: bo
     average_accuracy: mean_j R[L][j] over tasks seen (L = last trained task; with `seen_all`, multitask
     training on every task's data from the start (`train_on: all`), every task counts as seen).
     average_incremental_accuracy: mean over i <= L of mean_{j<=i} R[i][j] (Rebuffi et al.).
-    forgetting: mean over j < L of max_{j<=i<=L} R[i][j] - R[L][j] (Chaudhry et al.; Mammoth).
+    forgetting: mean over j < L of max_{j<=i<=L} R[i][j] - R[L][j]: Mammoth's `forgetting`, whose maximum
+    includes the final row, so it is never negative.
+    forgetting_chaudhry: mean over j < L of max_{j<=i<L} R[i][j] - R[L][j] (Chaudhry et al., 2018, RWalk): the
+    maximum leaves out the final row, so a task that improved at the end gives a negative value.
     bwt: mean over j < L of R[L][j] - R[j][j]; fwt: mean over 1 <= i <= L of R[i-1][i] - b_i, with b_i
-    the untrained model's score on task i (Lopez-Paz & Ranzato). (`ContinualMetrics` with learning curves
-    reports LIBERO's fwt instead, see `libero_summary`.)
+    the untrained model's score on task i (Lopez-Paz & Ranzato, GEM). (`ContinualMetrics` with learning
+    curves reports LIBERO's fwt instead, see `libero_summary`; Mammoth's FWT is `fwt_mammoth`, see
+    `task_start_transfer`.)
     """
     seen = (lambda i: len(matrix[i])) if seen_all else (lambda i: i + 1)  # noqa: E731
     done = [i for i, row in enumerate(matrix) if row and all(v is not None for v in row[: seen(i)])]
-    empty = dict.fromkeys(("average_accuracy", "average_incremental_accuracy", "forgetting", "bwt", "fwt"))
+    empty = dict.fromkeys(
+        ("average_accuracy", "average_incremental_accuracy", "forgetting", "forgetting_chaudhry", "bwt", "fwt")
+    )
     if not done:
         return empty
     last = done[-1]
@@ -100,10 +106,27 @@ def summarize(matrix: Matrix, untrained: list[float] | None = None, seen_all: bo
     out["average_incremental_accuracy"] = mean(mean(R[i][j] for j in range(seen(i))) for i in done)
     if last > 0:
         out["forgetting"] = mean(max(R[i][j] for i in range(j, last + 1)) - R[last][j] for j in range(last))
+        out["forgetting_chaudhry"] = mean(max(R[i][j] for i in range(j, last)) - R[last][j] for j in range(last))
         out["bwt"] = mean(R[last][j] - R[j][j] for j in range(last))
         if untrained is not None and all(R[i - 1][i] is not None for i in range(1, last + 1)):
             out["fwt"] = mean(R[i - 1][i] - untrained[i] for i in range(1, last + 1))
     return out
+
+
+def task_start_transfer(matrix: Matrix, before: Sequence[float | None], after: Sequence[float | None]) -> float | None:
+    """Mammoth's forward transfer: mean over 1 <= i <= L of after_i - before_i, where before_i scores task i
+    at the end of task i-1 (class-IL over the classes of tasks 0..i, as Mammoth scores the next task before
+    its `begin_task`) and after_i scores it once task i has started (its start hooks have run, training on
+    it has not). It measures what a task's start does to that task before training on it (Mammoth's LwF
+    warm-up, for instance); methods with nothing at a task start give 0. L is the last trained task; None
+    before task 1 ends or when a point is missing."""
+    done = [i for i, row in enumerate(matrix) if row and all(v is not None for v in row[: i + 1])]
+    if not done or done[-1] < 1:
+        return None
+    points = range(1, done[-1] + 1)
+    if any(i >= len(before) or i >= len(after) or before[i] is None or after[i] is None for i in points):
+        return None
+    return mean(after[i] - before[i] for i in points)
 
 
 def normalised_matrix(matrix: Matrix, untrained: list[float]) -> Matrix:
@@ -179,6 +202,10 @@ class ContinualMetrics(ContinualCallback):
         greater wins, so the earliest best is kept), put back before the module's `on_task_end`.
         What is kept is `pl_module.state_to_keep()` if the module defines it (a dict of tensors keyed
         by their `state_dict()` names), else every parameter that requires grad; copied to CPU.
+    task_start_fwt: also take Mammoth's FWT (`fwt_mammoth` in each metric's summary, `task_start_transfer`):
+        at each task end the next task is scored once more under the module's `evaluating_ahead`, and at each
+        task start the new task is scored after the start hooks. null (default): on where the module's
+        evaluation is cheap (`cheap_evaluation`: the classifiers), off for rollouts and image sampling.
     """
 
     def __init__(
@@ -189,6 +216,7 @@ class ContinualMetrics(ContinualCallback):
         curve_every: int | None = None,
         keep_best: bool = False,
         normalise: list[str] | None = None,
+        task_start_fwt: bool | None = None,
     ):
         if curve_every is not None and curve_every < 1:
             raise ConfigError(
@@ -202,6 +230,10 @@ class ContinualMetrics(ContinualCallback):
         self.curve_every = curve_every
         self.keep_best = keep_best
         self.normalise = list(normalise or [])
+        self.task_start_fwt = task_start_fwt
+        #: Mammoth's FWT points: {metric: [score on task i before / after its start, None if not taken]}
+        self.before_start: dict[str, list[float | None]] = {}
+        self.after_start: dict[str, list[float | None]] = {}
         self.matrix: dict[str, Matrix] = {}
         self.untrained: dict[str, list[float]] = {}
         self.task_names: list[str] = []
@@ -221,10 +253,21 @@ class ContinualMetrics(ContinualCallback):
         self.extra.setdefault(section, {})[entry] = value
 
     # -- fit: evaluate at task boundaries -----------------------------------------------------
+    def _takes_task_start_fwt(self, pl_module: L.LightningModule) -> bool:
+        if self.task_start_fwt is not None:
+            return self.task_start_fwt
+        return bool(getattr(pl_module, "cheap_evaluation", False))
+
+    def _task_point(self, store: dict[str, list[float | None]], scores: dict[str, list[float | None]], task: int):
+        for name, row in scores.items():
+            store.setdefault(name, [None] * len(self.task_names))[task] = row[task]
+
     def on_task_start(self, trainer: L.Trainer, pl_module: L.LightningModule, task_id: int) -> None:
         if task_id == 0 and not self.untrained:
             self.task_names = list(trainer.datamodule.task_names)
             self.untrained = self.evaluate(trainer, pl_module)
+        if task_id > 0 and self._takes_task_start_fwt(pl_module):
+            self._task_point(self.after_start, self.evaluate(trainer, pl_module, tasks=[task_id]), task_id)
 
     def on_task_end(self, trainer: L.Trainer, pl_module: L.LightningModule, task_id: int) -> None:
         self.trained_on_all = getattr(trainer.datamodule, "train_on", "current") == "all"
@@ -232,6 +275,10 @@ class ContinualMetrics(ContinualCallback):
         n = len(self.task_names)
         for name, row in scores.items():
             self.matrix.setdefault(name, [[None] * n for _ in range(n)])[task_id] = row
+        if task_id + 1 < n and self._takes_task_start_fwt(pl_module):
+            with pl_module.evaluating_ahead(task_id + 1):
+                ahead = self.evaluate(trainer, pl_module, tasks=[task_id + 1])
+            self._task_point(self.before_start, ahead, task_id + 1)
         self._log(trainer, task_id)
         log_dir = trainer.log_dir or "."  # a collective under DDP: every rank must ask
         if trainer.is_global_zero:
@@ -331,6 +378,10 @@ class ContinualMetrics(ContinualCallback):
         """`summarize` of metric `name`; for the primary metric with curves, `fwt` is LIBERO's, plus `nbt`, `auc`."""
         mat = self.matrix[name]
         out = summarize(mat, self.untrained.get(name), self.trained_on_all)
+        if name in self.before_start or name in self.after_start:
+            out["fwt_mammoth"] = task_start_transfer(
+                mat, self.before_start.get(name, []), self.after_start.get(name, [])
+            )
         if self._libero and name == next(iter(self.matrix)):
             out.update(libero_summary(mat, self.curves))
         return out
@@ -347,6 +398,12 @@ class ContinualMetrics(ContinualCallback):
             }
             for name, mat in self.matrix.items()
         }
+        for name in per_metric:
+            if name in self.before_start or name in self.after_start:  # the points of fwt_mammoth
+                per_metric[name]["task_start"] = {
+                    "before": self.before_start.get(name),
+                    "after": self.after_start.get(name),
+                }
         for name in self.normalise:
             if name in self.matrix and self.untrained.get(name) is not None:
                 normalised = normalised_matrix(self.matrix[name], self.untrained[name])
@@ -463,6 +520,8 @@ class ContinualMetrics(ContinualCallback):
             "curves": self.curves,
             "best": self.best,
             "extra": self.extra,
+            "before_start": self.before_start,
+            "after_start": self.after_start,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -472,6 +531,8 @@ class ContinualMetrics(ContinualCallback):
         self.curves = {int(t): list(points) for t, points in state_dict.get("curves", {}).items()}
         self.best = state_dict.get("best")
         self.extra = {k: dict(v) for k, v in state_dict.get("extra", {}).items()}
+        self.before_start = {k: list(v) for k, v in state_dict.get("before_start", {}).items()}
+        self.after_start = {k: list(v) for k, v in state_dict.get("after_start", {}).items()}
 
 
 def snapshot_state(pl_module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -17,6 +17,8 @@ def test_summaries_against_hand_computation():
     assert s["average_incremental_accuracy"] == pytest.approx((90 + (70 + 80) / 2 + (60 + 75 + 85) / 3) / 3)
     # forgetting: task 0: max(90, 70, 60) - 60 = 30; task 1: max(80, 75) - 75 = 5
     assert s["forgetting"] == pytest.approx((30 + 5) / 2)
+    # Chaudhry et al. leave the final row out of the maximum: task 0: max(90, 70) - 60; task 1: 80 - 75
+    assert s["forgetting_chaudhry"] == pytest.approx((30 + 5) / 2)
     # bwt: (60 - 90 + 75 - 80) / 2
     assert s["bwt"] == pytest.approx((-30 - 5) / 2)
     # fwt: (R[0][1] - b1 + R[1][2] - b2) / 2 = (10 - 5 + 30 - 25) / 2
@@ -29,6 +31,24 @@ def test_forgetting_uses_the_best_earlier_score_not_only_the_diagonal():
     assert summarize(m2)["forgetting"] == pytest.approx((80 - 40 + 0) / 2)
     assert summarize(m2)["bwt"] == pytest.approx((40 - 50 + 0) / 2)
     assert summarize(m)["forgetting"] == pytest.approx(50.0)
+
+
+def test_the_two_forgettings_differ_where_a_task_improves_at_the_end():
+    # task 0 rises in the final row: Mammoth's maximum includes that row (forgetting 0), Chaudhry's does not
+    m = [[50.0, 0.0, 0.0], [40.0, 60.0, 0.0], [70.0, 45.0, 80.0]]
+    s = summarize(m)
+    assert s["forgetting"] == pytest.approx((0 + 15) / 2)  # max(50, 40, 70) - 70; max(60, 45) - 45
+    assert s["forgetting_chaudhry"] == pytest.approx((-20 + 15) / 2)  # max(50, 40) - 70; 60 - 45
+
+
+def test_mammoths_fwt_is_the_change_a_task_start_makes_to_that_task():
+    from callbacks.continual_metrics import task_start_transfer
+
+    before, after = [None, 10.0, 20.0], [None, 30.0, 20.0]  # task 1's start lifts it by 20, task 2's by 0
+    assert task_start_transfer(R, before, after) == pytest.approx((20 + 0) / 2)
+    assert task_start_transfer([R[0], R[1], [None] * 3], before, after) == pytest.approx(20.0)  # tasks 1..L
+    assert task_start_transfer([R[0], [None] * 3, [None] * 3], before, after) is None  # needs a task 1
+    assert task_start_transfer(R, [None, 10.0, None], after) is None  # a missing point
 
 
 def test_partial_matrix_uses_last_trained_row():
@@ -47,7 +67,13 @@ def test_single_task_has_no_transfer_figures():
 
 def test_one_task_by_hand():
     # one task: both averages are its only score; forgetting, bwt and fwt need an older task, so they do not exist
-    expected = {"average_accuracy": 50.0, "average_incremental_accuracy": 50.0, "forgetting": None, "bwt": None}
+    expected = {
+        "average_accuracy": 50.0,
+        "average_incremental_accuracy": 50.0,
+        "forgetting": None,
+        "forgetting_chaudhry": None,
+        "bwt": None,
+    }
     assert summarize([[50.0]]) == {**expected, "fwt": None}
     assert summarize([[50.0]], [10.0]) == {**expected, "fwt": None}
     assert summarize([[None]]) == dict.fromkeys((*expected, "fwt"))  # not trained yet: nothing exists
@@ -78,7 +104,7 @@ def test_one_task_scores_tables_and_heatmap():
     console.print(summary_table({"run": summarize([[75.0]])}, "summary"))
     lines = [line.strip("│┃ ").split() for line in console.export_text().splitlines()]
     assert ["after", "T1", "│", "75.00"] in lines
-    assert ["run", "│", "75.00", "│", "75.00", "│", "-", "│", "-", "│", "-"] in lines
+    assert ["run", "│", "75.00", "│", "75.00", "│", "-", "│", "-", "│", "-", "│", "-"] in lines
     figure = heatmap([[75.0]], "accuracy")
     assert [t.get_text() for t in figure.axes[0].texts] == ["75"]
 

@@ -131,6 +131,7 @@ def test_optimizer_is_rebuilt_at_each_task_start(run_fit, tmp_path):
 
 
 EXPERIMENTS = sorted(glob.glob(config("classification/*.yaml")) + glob.glob(config("diffusion/*.yaml")))
+EXPERIMENTS += sorted(glob.glob(config("classification/mammoth/*.yaml")))
 EXPERIMENTS += sorted(glob.glob(config("removal/*.yaml")))
 EXPERIMENTS += sorted(glob.glob(config("robot/*.yaml")))
 TRAINERS = sorted(glob.glob(config("trainer/*.yaml")))

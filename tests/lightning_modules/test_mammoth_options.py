@@ -164,3 +164,21 @@ def test_mammoth_joint_fits_once_on_the_union_and_reports_both_fwts(run_fit, tmp
     assert s["fwt_mammoth"] == 0.0 and s["fwt"] == 0.0 and "forgetting_chaudhry" in s
     points = report["metrics"]["accuracy"]["task_start"]
     assert points["before"][1] == points["after"][1] and points["before"][0] is None
+
+
+def test_a_single_task_joint_is_the_joint_reference_under_both_schedules(run_fit, tmp_path):
+    from tests.conftest import read_reports
+
+    scores = []
+    for schedule in ("cumulative", "last"):
+        root = tmp_path / schedule
+        one = (
+            "--data.init_args.num_tasks=1",
+            "--task_switch.epochs_per_task=2",
+            f"--model.init_args.schedule={schedule}",
+        )
+        run_fit("classification/joint_splitdigits.yaml", root, *one)
+        (report,) = read_reports(root)
+        ((score,),) = report["matrix"]
+        scores.append(score)
+    assert scores[0] == scores[1] and scores[0] > 90  # the only task is the last: both train on all ten classes

@@ -18,6 +18,7 @@ import pytest
 from tests.conftest import config, fit_args
 
 ER = "classification/er_splitdigits.yaml"
+EWC_CONFIG = "classification/ewc_splitdigits.yaml"
 FAST = ("--data.init_args.num_tasks", "2", "--task_switch.steps_per_task", "2")
 CIFAR = "classification/er_cifar10.yaml"
 FOLDER = "classification/er_splitdigits.yaml"
@@ -313,6 +314,16 @@ CASES = [
         "a signal that cannot be handled",
         lambda f: fit(f, "--checkpoint.stop_signals", "[SIGKILL]"),
         ("checkpoint.stop_signals", "SIGKILL"),
+    ),
+    Case(
+        "an initialisation that does not exist",
+        lambda f: fit(f, "--model.init_args.head_init", "glorot"),
+        ("model.head_init", "'glorot'", "xavier_uniform"),
+    ),
+    Case(
+        "a Fisher normalisation that does not exist",
+        lambda f: fit(f, "--model.init_args.fisher_normalisation", "examples", experiment=EWC_CONFIG),
+        ("model.init_args.fisher_normalisation", "'examples'", "batches"),
     ),
     # -- checkpoints ------------------------------------------------------------------------------------
     Case(

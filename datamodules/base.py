@@ -23,6 +23,12 @@ class TaskStream:
 
     `train_transform` / `eval_transform` map a batch of raw images (float in [0, 1]) to model inputs,
     with and without augmentation; methods apply them to what they replay from memory.
+
+    `setting` says what a task brings. `"class"` (class-incremental, the default): task t brings
+    `classes_per_task[t]` new classes, labelled with the next contiguous range. `"domain"` (domain-incremental,
+    Mammoth's domain-IL, e.g. rotated digits): every task holds the same `classes_per_task[0]` classes,
+    labelled 0..K-1, under a new input distribution; a task id then tells a classifier nothing, so there is
+    no task-IL score.
     """
 
     task_names: tuple[str, ...]
@@ -32,10 +38,34 @@ class TaskStream:
     eval_transform: Callable[[Tensor], Tensor] | None = None
     #: per-channel (mean, std) the transforms normalise with; None when inputs are not normalised
     normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    setting: Literal["class", "domain"] = "class"
+
+    def __post_init__(self) -> None:
+        if self.setting not in ("class", "domain"):
+            raise ValueError(f"TaskStream.setting: {self.setting!r} is not one of 'class', 'domain'")
+        if self.setting == "domain" and len(set(self.classes_per_task)) > 1:
+            raise ValueError(f"a domain-incremental stream has the same classes in every task: {self.classes_per_task}")
 
     @property
     def num_tasks(self) -> int:
         return len(self.task_names)
+
+    @property
+    def num_classes(self) -> int:
+        """Distinct classes over the whole stream (0 when it has no classes)."""
+        if self.setting == "domain":
+            return self.classes_per_task[0] if self.classes_per_task else 0
+        return sum(self.classes_per_task)
+
+    @property
+    def class_offsets(self) -> tuple[int, ...]:
+        """Classes known before task t, for t = 0..num_tasks: the running sum of `classes_per_task` in class-IL;
+        0, then all of them, in domain-IL. Task t's classes are [class_offsets[t], class_offsets[t + 1]) in
+        class-IL and all classes in domain-IL."""
+        offsets = [0]
+        for k in self.classes_per_task:
+            offsets.append(k if self.setting == "domain" else offsets[-1] + k)
+        return tuple(offsets)
 
 
 def as_float_image(x: Tensor) -> Tensor:

@@ -26,6 +26,11 @@ class ClassIncrementalModule(ContinualModule):
     arg-max over task j's classes only. The head is allocated for all classes up front, so nothing
     grows during the stream (DDP keeps one gradient reducer for the whole run).
 
+    A domain-incremental stream (`stream.setting == "domain"`) has the same K classes in every task: the head
+    has K outputs, every task's label range is all of them, every class is seen from task 0 and past from
+    task 1 (so LwF distils all of them), and `eval_step` scores `accuracy` only (arg-max over the K classes;
+    a task-IL score would be the same number).
+
     `head_init` (a scheme of `lightning_modules.nn.init`): null takes the backbone's own `init` (the MLP's
     `xavier_uniform`, Mammoth's classifier included), or PyTorch's default `kaiming_uniform` for backbones
     without one (the ViTs).
@@ -44,14 +49,13 @@ class ClassIncrementalModule(ContinualModule):
         self.backbone = build_backbone(
             backbone, self.stream.input_shape, input_stats=self.stream.normalization, **(backbone_args or {})
         )
-        self.head = nn.Linear(self.backbone.out_features, sum(self.stream.classes_per_task))
+        self.head = nn.Linear(self.backbone.out_features, self.stream.num_classes)
         if head_init is None:
             head_init = getattr(self.backbone, "init", "kaiming_uniform")
         if check_init(head_init, "model.head_init") != "kaiming_uniform":  # nn.Linear was built with that one
             initialise(self.head, head_init)
-        self.class_offsets = [0]
-        for k in self.stream.classes_per_task:
-            self.class_offsets.append(self.class_offsets[-1] + k)
+        self.class_offsets = list(self.stream.class_offsets)  # classes known before task t
+        self.domain_incremental = self.stream.setting == "domain"
 
     cheap_evaluation = True
 
@@ -64,7 +68,7 @@ class ClassIncrementalModule(ContinualModule):
 
     @property
     def seen_classes(self) -> int:
-        """Number of classes of tasks 0..current (0..t inside `evaluating_ahead(t)`)."""
+        """Number of classes of tasks 0..current (0..t inside `evaluating_ahead(t)`; all of them in domain-IL)."""
         return self.class_offsets[max(self.current_task, getattr(self, "_ahead", -1)) + 1]
 
     @contextmanager
@@ -77,7 +81,7 @@ class ClassIncrementalModule(ContinualModule):
 
     @property
     def past_classes(self) -> int:
-        """Number of classes of tasks before the current one."""
+        """Number of classes of tasks before the current one (domain-IL: none in task 0, all from task 1)."""
         return self.class_offsets[self.current_task]
 
     def augment(self, x_raw: Tensor) -> Tensor:
@@ -106,7 +110,9 @@ class ClassIncrementalModule(ContinualModule):
             }
 
     def task_classes(self, task_id: int) -> tuple[int, int]:
-        """[start, end) label range of task `task_id`."""
+        """[start, end) label range of task `task_id` (all classes in domain-IL)."""
+        if self.domain_incremental:
+            return 0, self.stream.num_classes
         return self.class_offsets[task_id], self.class_offsets[task_id + 1]
 
     def class_scores(self, x: Tensor) -> Tensor:
@@ -117,8 +123,10 @@ class ClassIncrementalModule(ContinualModule):
         scores = self.class_scores(batch["x"])
         start, end = self.task_classes(task_id)
         class_il = scores[:, : self.seen_classes].argmax(dim=1)
-        task_il = scores[:, start:end].argmax(dim=1) + start
         y = batch["y"]
+        if self.domain_incremental:  # domain-IL accuracy; task-IL would mask nothing
+            return {"accuracy": (class_il == y).float()}
+        task_il = scores[:, start:end].argmax(dim=1) + start
         return {"accuracy": (class_il == y).float(), "task_il_accuracy": (task_il == y).float()}
 
     @torch.no_grad()

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cli.errors import ConfigError
 from cli.runtime import run_seed
 from lightning_modules.classification.base import ClassIncrementalModule
 from lightning_modules.nn.frozen import FrozenCopy
@@ -41,6 +42,12 @@ class ICaRL(ClassIncrementalModule):
 
     def __init__(self, memory_size: int = 200, minibatch_size: int | None = None, weight_decay: float = 1e-5, **kwargs):
         super().__init__(**kwargs)
+        if self.domain_incremental:
+            raise ConfigError(
+                "model: ICaRL is class-incremental only (exemplars and targets per new class), but data is a "
+                "domain-incremental stream; use ER, DER, DER++, EWC, LwF, Finetune or Joint "
+                "(configs/classification/*_rotdigits.yaml)"
+            )
         self.memory_size = memory_size
         self.minibatch_size = minibatch_size
         self.weight_decay = weight_decay

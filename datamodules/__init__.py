@@ -7,6 +7,7 @@ from datamodules.image_folder import SplitImageFolder
 from datamodules.removal import RemovalDataModule, RemovalStream
 from datamodules.rewards import RewardDataModule, RewardStream
 from datamodules.robot import RobotDataModule
+from datamodules.rotated_digits import RotatedDigits
 from datamodules.split_digits import SplitDigits
 from datamodules.tiny_imagenet import SplitTinyImageNet
 from datamodules.webdataset_shards import SplitWebDataset
@@ -21,6 +22,7 @@ __all__ = [
     "RewardDataModule",
     "RewardStream",
     "RobotDataModule",
+    "RotatedDigits",
     "SplitCIFAR10",
     "SplitCIFAR100",
     "SplitDigits",

@@ -162,12 +162,17 @@ def test_inputs_are_made_rgb_resized_and_optionally_renormalised():
     stats = ((0.2,), (0.5,))
     faithful = HFViT((1, 8, 8), preset="tiny", input_stats=stats)
     fixed = HFViT((1, 8, 8), preset="tiny", input_norm="model", input_stats=stats)
+    plain = HFViT((1, 8, 8), preset="tiny", input_stats=stats, resize_antialias=False)
     raw = torch.rand(2, 1, 8, 8)
     normalised = (raw - 0.2) / 0.5
-    up = F.interpolate(normalised.expand(-1, 3, -1, -1), size=(32, 32), mode="bicubic", align_corners=False)
-    assert torch.allclose(faithful.prepare(normalised), up, atol=1e-6)  # the data's normalisation is kept
-    up_raw = F.interpolate(raw.expand(-1, 3, -1, -1), size=(32, 32), mode="bicubic", align_corners=False)
-    assert torch.allclose(fixed.prepare(normalised), (up_raw - 0.5) / 0.5, atol=1e-5)  # the ViT's own 0.5/0.5
+
+    def bicubic(x, antialias=True):  # torchvision's Resize on tensors (0.17+): antialiased bicubic
+        return F.interpolate(x.expand(-1, 3, -1, -1), size=(32, 32), mode="bicubic", antialias=antialias)
+
+    assert torch.allclose(faithful.prepare(normalised), bicubic(normalised), atol=1e-6)  # data normalisation kept
+    assert torch.allclose(fixed.prepare(normalised), (bicubic(raw) - 0.5) / 0.5, atol=1e-5)  # the ViT's own 0.5/0.5
+    assert torch.allclose(plain.prepare(normalised), bicubic(normalised, antialias=False), atol=1e-6)
+    assert not torch.allclose(plain.prepare(normalised), faithful.prepare(normalised), atol=1e-3)  # a real change
 
 
 def test_sources_of_different_width_are_fused_through_feature_dim(tmp_path):

@@ -36,6 +36,8 @@ class LwF(ClassIncrementalModule):
         super().__init__(**kwargs)
         if warmup_epochs < 0:
             raise ConfigError(f"model.warmup_epochs must be 0 (no warm-up) or more, got {warmup_epochs}")
+        if warmup_epochs and self.stream.setting == "domain":
+            raise ConfigError("model.warmup_epochs: a domain-incremental stream has no new classes to warm up; use 0")
         self.alpha = alpha
         self.temperature = temperature
         self.warmup_epochs = warmup_epochs

@@ -134,6 +134,14 @@ def test_icarl_refuses_a_domain_incremental_stream():
         ICaRL(stream=DOMAIN, backbone_args={"hidden": [3]})
 
 
+def test_lwf_warm_up_refuses_a_domain_incremental_stream():
+    from cli.errors import ConfigError
+    from lightning_modules import LwF
+
+    with pytest.raises(ConfigError, match="model.warmup_epochs: a domain-incremental stream has no new classes"):
+        LwF(stream=DOMAIN, warmup_epochs=1, backbone_args={"hidden": [3]})
+
+
 def test_a_stream_setting_is_checked():
     with pytest.raises(ValueError, match="'task'"):
         TaskStream(task_names=("a",), classes_per_task=(2,), setting="task")

@@ -22,6 +22,7 @@ EWC_CONFIG = "classification/ewc_splitdigits.yaml"
 FAST = ("--data.init_args.num_tasks", "2", "--task_switch.steps_per_task", "2")
 CIFAR = "classification/er_cifar10.yaml"
 FOLDER = "classification/er_splitdigits.yaml"
+ROTATED = "classification/er_rotdigits.yaml"
 R2MOE = "diffusion/r2moe_concepts_tiny.yaml"
 ROBOT = "robot/er_cw3.yaml"
 RID = "diffusion/rid_rewards_tiny.yaml"
@@ -278,6 +279,16 @@ CASES = [
         ("data.num_tasks=4", "choose one of"),
     ),
     Case("zero tasks", lambda f: fit(f, "--data.init_args.num_tasks", "0"), ("data.num_tasks=0",)),
+    Case(
+        "rotation angles not one per task",
+        lambda f: fit(f, "--data.init_args.angles=[0, 45, 90]", experiment=ROTATED),
+        ("data.angles has 3 angles for data.num_tasks=2", "one angle per task"),
+    ),
+    Case(
+        "zero rotated tasks",
+        lambda f: fit(f, "--data.init_args.num_tasks", "0", experiment=ROTATED),
+        ("data.num_tasks must be at least 1",),
+    ),
     Case(
         "class order not a permutation",
         lambda f: fit(f, "--data.init_args.class_order", "[1, 2]"),

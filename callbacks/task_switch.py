@@ -21,13 +21,12 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks.base import ContinualCallback
 from cli.errors import ConfigError
-from cli.runtime import run_seed, step_seed
+from cli.runtime import run_seed, seed_torch, step_seed
 
 #: mixed into the boundary's seed so it differs from the seed of the training step at the same global step
 _BOUNDARY_SEED = 0x5EED
@@ -136,7 +135,7 @@ class TaskSwitch(L.Callback):
         """Ends task t (callbacks' `on_task_training_end`, the module's `on_task_end`, callbacks' `on_task_end`)
         and starts task t+1 if there is one."""
         dm = self._stream(trainer)
-        torch.manual_seed(step_seed(run_seed() ^ _BOUNDARY_SEED, trainer.global_step, trainer.global_rank))
+        seed_torch(step_seed(run_seed() ^ _BOUNDARY_SEED, trainer.global_step, trainer.global_rank))
         callbacks = self._continual_callbacks(trainer)
         for cb in callbacks:
             cb.on_task_training_end(trainer, pl_module, t)

@@ -19,6 +19,30 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return ((seed * 1_000_003 + step) * 10_007 + rank) % (2**63 - 1)
 
 
+def seed_torch(seed: int) -> None:
+    """Leaves every torch generator as `torch.manual_seed(seed)` does, at a fraction of its cost per step.
+
+    `torch.manual_seed` also seeds every accelerator runtime torch is built with; one that has not started
+    (CUDA, XPU, MTIA on a machine without them, or on the CPU build's stubs) gets the seed queued together
+    with a formatted stack trace, about 0.5 ms under Lightning's deep stacks, every training step. Here a
+    runtime that has started is seeded at once and one that could start is queued exactly as torch does; one
+    that cannot start (nothing of it is available) is skipped, since its queue would never be read.
+    """
+    import torch
+
+    seed = int(seed)
+    for backend in (torch.cuda, torch.xpu, torch.mtia):
+        if backend._is_in_bad_fork():  # torch.manual_seed skips these too
+            continue
+        if backend.is_initialized() or backend.is_available():
+            backend.manual_seed_all(seed)
+    torch.mps.manual_seed(seed)  # immediate, and nothing without MPS
+    seed_custom_device = getattr(torch.random, "_seed_custom_device", None)
+    if seed_custom_device is not None:
+        seed_custom_device(seed)
+    torch.default_generator.manual_seed(seed)
+
+
 class StopRequested(Exception):
     """A stop signal was acted on; `exit_code` is 128 + the signal's number, the message says how to resume."""
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 
 from cli.errors import ConfigError
-from cli.runtime import run_seed, step_seed
+from cli.runtime import run_seed, seed_torch, step_seed
 
 
 @dataclass(frozen=True)
@@ -323,7 +323,7 @@ class ContinualDataModule(L.LightningDataModule):
         if trainer is None or not trainer.training:
             return batch
         seed = run_seed() if self.seed is None else self.seed
-        torch.manual_seed(step_seed(seed, trainer.global_step, trainer.global_rank))
+        seed_torch(step_seed(seed, trainer.global_step, trainer.global_rank))
         if self.train_transform is None:
             return batch
         raw = as_float_image(batch["x"])

@@ -4,6 +4,7 @@ from datamodules.base import ClassIncrementalDataModule, ContinualDataModule, Ta
 from datamodules.cifar import SplitCIFAR10, SplitCIFAR100
 from datamodules.concepts import ConceptDataModule, ConceptStream
 from datamodules.image_folder import SplitImageFolder
+from datamodules.lmsrr_benchmarks import SplitCars196, SplitCUB200, SplitImageNetR
 from datamodules.removal import RemovalDataModule, RemovalStream
 from datamodules.rewards import RewardDataModule, RewardStream
 from datamodules.robot import RobotDataModule
@@ -25,8 +26,11 @@ __all__ = [
     "RotatedDigits",
     "SplitCIFAR10",
     "SplitCIFAR100",
+    "SplitCUB200",
+    "SplitCars196",
     "SplitDigits",
     "SplitImageFolder",
+    "SplitImageNetR",
     "SplitTinyImageNet",
     "SplitWebDataset",
     "TaskStream",

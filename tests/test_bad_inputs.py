@@ -425,6 +425,17 @@ CASES = [
         ("data.root", "nope", "not found"),
     ),
     Case(
+        "CUB-200 folder with another class count",
+        lambda f: data(f, "datamodules.SplitCUB200", f / "images"),
+        ("images/train has 2 class folders", "Split-CUB-200 has 200"),
+        image_folder(),
+    ),
+    Case(
+        "ImageNet-R training copies smaller than the crop",
+        lambda f: data(f, "datamodules.SplitImageNetR", f / "images", train_size=100),
+        ("data.train_size=100", "choose 224 or more"),
+    ),
+    Case(
         "CIFAR batch missing",
         lambda f: data(f, "datamodules.SplitCIFAR10", f / "data"),
         ("data_batch_3", "not found", "extract"),

@@ -44,7 +44,8 @@ def test_er_forgets_less_than_finetune_and_reports_everything(run_fit, tmp_path)
     scalars = set(events.Tags()["scalars"])
     assert {"eval/accuracy/task_0", "eval/accuracy/task_4", "eval/accuracy/forgetting", "train/ce"} <= scalars
     assert [e.step for e in events.Scalars("eval/accuracy/task_0")] == [0, 1, 2, 3, 4]
-    assert "eval/accuracy/matrix" in events.Tags()["images"]
+    # The heatmap is drawn once, when the last task ends: it holds every row.
+    assert [e.step for e in events.Images("eval/accuracy/matrix")] == [4]
     assert os.path.exists(tmp_path / "er" / "checkpoints" / "last.ckpt")
 
 
@@ -53,14 +54,24 @@ def test_resumed_run_ends_with_the_same_metrics_as_an_uninterrupted_one(run_fit,
     run_fit(ER, tmp_path / "cut", *SHORT, "--task_switch.stop_after_task", "2")
     (partial,) = read_reports(tmp_path / "cut")
     assert partial["matrix"][1][0] is not None and partial["matrix"][2] == [None] * 5
+    assert heatmap_steps(tmp_path / "cut") == [1]  # a run stopped early draws it at its last task
     ckpt = torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["continual"]["task"] == 2 and ckpt["continual"]["rank_local"][0]["buffer"]["num_seen"] > 0
     run_fit(ER, tmp_path / "cut", *SHORT, "--ckpt_path", "last")
+    assert heatmap_steps(tmp_path / "cut") == [4]  # and the resumed run at the stream's last
     (full,), resumed = read_reports(tmp_path / "full"), read_reports(tmp_path / "cut")[-1]
     for name, block in full["metrics"].items():
         for row_a, row_b in zip(block["matrix"], resumed["metrics"][name]["matrix"], strict=True):
             assert row_a == pytest.approx(row_b, abs=1e-6)
     assert resumed["summary"] == pytest.approx(full["summary"], abs=1e-6)
+
+
+def heatmap_steps(root) -> list[int]:
+    """The steps at which the latest run under `root` drew the matrix heatmap."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    latest = max(glob.glob(str(root / "lightning_logs" / "version_*")), key=os.path.getmtime)
+    return [e.step for e in EventAccumulator(latest).Reload().Images("eval/accuracy/matrix")]
 
 
 @pytest.mark.parametrize("stage", ["test", "validate"])

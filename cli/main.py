@@ -2,7 +2,8 @@
 
 Configs compose: `lifelong fit -c configs/trainer/cpu.yaml -c configs/classification/er_splitdigits.yaml`.
 The continual callbacks are always present and configured under their own keys (`task_switch:`,
-`continual_metrics:`); TensorBoard is the default logger and rich the progress bar.
+`continual_metrics:`); TensorBoard is the default logger and rich the progress bar (`callbacks.progress`: updated
+20 times a second, not at every step).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -27,6 +28,7 @@ import datamodules  # noqa: F401  (registers the datamodules)
 import lightning_modules  # noqa: F401  (registers the methods)
 from callbacks import ContinualMetrics, ExpertFreezing, TaskSwitch  # also registers them for short class names
 from callbacks.checkpoint import LAST, ContinualCheckpoint
+from callbacks.progress import RichProgressBar
 from cli.errors import ConfigError
 from cli.files import check_output_folder, load_torch_file
 from cli.runtime import StopRequested
@@ -267,7 +269,8 @@ class LifelongCLI(LightningCLI):
         if config.get("enable_checkpointing") is False:
             extra_callbacks = [c for c in extra_callbacks if not isinstance(c, ContinualCheckpoint)]
         given = list(config.get("callbacks") or []) + list(extra_callbacks)
-        if config.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in given):
+        # None (not given) means on, as in Lightning
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
             config["callbacks"] = list(config.get("callbacks") or []) + [RichProgressBar()]
         try:
             return super()._instantiate_trainer(config, extra_callbacks)

@@ -15,13 +15,12 @@ import math
 
 import kornia
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from cli.errors import ConfigError
 from datamodules.base import ContinualDataModule, TaskStream, TensorDictDataset
+from datamodules.split_digits import digits_split
 
 
 def rotation_angles(num_tasks: int, seed: int) -> list[float]:
@@ -95,17 +94,11 @@ class RotatedDigits(ContinualDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._train:
             return
-        digits = load_digits()
-        x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-        y = torch.tensor(digits.target, dtype=torch.long)
-        idx_train, idx_test = train_test_split(
-            torch.arange(len(y)).numpy(), test_size=self.test_fraction, stratify=y.numpy(), random_state=self.split_seed
-        )
-        idx_train, idx_test = torch.as_tensor(idx_train), torch.as_tensor(idx_test)
+        train_x, train_y, test_x, test_y = digits_split(self.test_fraction, self.split_seed)
         for t, angle in enumerate(self.angles):
-            for idx, out in ((idx_train, self._train), (idx_test, self._eval)):
-                images = rotate(x[idx], angle).contiguous()
-                out.append(TensorDictDataset(x=images, y=y[idx], task=torch.full((len(idx),), t)))
+            for x, y, out in ((train_x, train_y, self._train), (test_x, test_y, self._eval)):
+                images = rotate(x, angle).contiguous()
+                out.append(TensorDictDataset(x=images, y=y, task=torch.full((len(y),), t)))
 
     def train_dataset(self, task_id: int) -> Dataset:
         return self._train[task_id]

@@ -9,9 +9,23 @@ from collections.abc import Sequence
 import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+from torch import Tensor
 
 from cli.errors import ConfigError
 from datamodules.base import ClassIncrementalDataModule
+
+
+def digits_split(test_fraction: float, split_seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The digits as (1, 8, 8) floats in [0, 1] with labels, split stratified by class into train and test by
+    `split_seed`: (train_x, train_y, test_x, test_y), the same for every run and every method."""
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.long)
+    idx_train, idx_test = train_test_split(
+        torch.arange(len(y)).numpy(), test_size=test_fraction, stratify=y.numpy(), random_state=split_seed
+    )
+    idx_train, idx_test = torch.as_tensor(idx_train), torch.as_tensor(idx_test)
+    return x[idx_train], y[idx_train], x[idx_test], y[idx_test]
 
 
 class SplitDigits(ClassIncrementalDataModule):
@@ -39,14 +53,4 @@ class SplitDigits(ClassIncrementalDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._train:
             return
-        digits = load_digits()
-        x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-        y = torch.tensor(digits.target, dtype=torch.long)
-        idx_train, idx_test = train_test_split(
-            torch.arange(len(y)).numpy(),
-            test_size=self.test_fraction,
-            stratify=y.numpy(),
-            random_state=self.split_seed,
-        )
-        idx_train, idx_test = torch.as_tensor(idx_train), torch.as_tensor(idx_test)
-        self._split(x[idx_train], y[idx_train], x[idx_test], y[idx_test])
+        self._split(*digits_split(self.test_fraction, self.split_seed))

@@ -1,10 +1,14 @@
-"""`ContinualCheckpoint`: a current `last.ckpt` at all times, and stop signals that save and stop cleanly.
+"""`ContinualCheckpoint`: a recent `last.ckpt` at all times, and stop signals that save and stop cleanly.
 
-`last.ckpt` (in `<default_root_dir>/checkpoints/`) is rewritten at the end of every epoch (after the task
-switch, so it holds the next task's start), just before every task boundary (so a run killed while a
-boundary evaluates resumes by redoing the boundary, not the task), and every `every_n_train_steps`
-optimizer steps (long tasks of a single epoch). Each write goes to a temporary file in the same folder
-and is renamed over the previous one, so a kill or a full disk never leaves a truncated checkpoint.
+`last.ckpt` (in `<default_root_dir>/checkpoints/`) is rewritten just before every task boundary (so a run
+killed while a boundary evaluates resumes by redoing the boundary, not the task) at the end of each task's
+last epoch (after the task switch, so it holds the next task's start) and of an epoch after which fit stops;
+in between, once
+`every_n_minutes` have passed since the last write (checked after every step and epoch; 10 by default), and
+on the optional rules `every_n_epochs` and `every_n_train_steps`. A time rule rather than a write per epoch:
+on small steps (Split-Digits) a write per epoch cost more than the epoch, and a stop signal writes one anyway.
+Each write goes to a temporary file in the same folder and is renamed over the previous one, so a kill or a
+full disk never leaves a truncated checkpoint.
 
 Stop signals (SIGTERM, SIGUSR1, SIGINT by default) only set a flag in the handler. The training loop acts
 on it at the next step: every rank agrees (one small all-reduce per step under DDP, so a signal that
@@ -20,6 +24,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +48,10 @@ class ContinualCheckpoint(ContinualCallback, Checkpoint):
 
     Args:
         dirpath: folder of `last.ckpt` (default: `<trainer.default_root_dir>/checkpoints`).
-        every_n_epochs: write at the end of every n-th epoch (0: only at task boundaries); the end of a
+        every_n_epochs: also write at the end of every n-th epoch (0, the default: no epoch rule); the end of a
             task's last epoch is always written.
+        every_n_minutes: also write after a step or at an epoch's end once this long has passed since the
+            last write (None: no time rule). Rank 0's clock decides, for every rank.
         every_n_train_steps: also write every n optimizer steps (inside epochs); None: off.
         stop_signals: signal names that save and stop the run (empty: Lightning's default handling).
         slurm_requeue: under SLURM, SIGUSR1 (the signal `#SBATCH --signal=SIGUSR1@90` sends before the time
@@ -54,13 +61,16 @@ class ContinualCheckpoint(ContinualCallback, Checkpoint):
     def __init__(
         self,
         dirpath: str | None = None,
-        every_n_epochs: int = 1,
+        every_n_epochs: int = 0,
+        every_n_minutes: float | None = 10.0,
         every_n_train_steps: int | None = None,
         stop_signals: list[str] | None = None,
         slurm_requeue: bool = True,
     ):
         if every_n_epochs < 0:
             raise ConfigError(f"checkpoint.every_n_epochs must be 0 or more, got {every_n_epochs}")
+        if every_n_minutes is not None and not every_n_minutes > 0:
+            raise ConfigError(f"checkpoint.every_n_minutes must be above 0 (or null), got {every_n_minutes}")
         if every_n_train_steps is not None and every_n_train_steps < 1:
             raise ConfigError(f"checkpoint.every_n_train_steps must be at least 1 (or null), got {every_n_train_steps}")
         names = ["SIGTERM", "SIGUSR1", "SIGINT"] if stop_signals is None else list(stop_signals)
@@ -72,12 +82,14 @@ class ContinualCheckpoint(ContinualCallback, Checkpoint):
             )
         self.dirpath = dirpath
         self.every_n_epochs = every_n_epochs
+        self.every_n_minutes = every_n_minutes
         self.every_n_train_steps = every_n_train_steps
         self.stop_signals = [int(getattr(signal, n)) for n in names]
         self.slurm_requeue = slurm_requeue
         #: the run's settings (set by the CLI), written into every checkpoint so a resume can check them
         self.settings: dict[str, Any] | None = None
         self._step_at_batch_start = -1
+        self._last_write = time.monotonic()
 
     # -- where ---------------------------------------------------------------------------------------------
     def folder(self, trainer: L.Trainer) -> str:
@@ -95,6 +107,7 @@ class ContinualCheckpoint(ContinualCallback, Checkpoint):
         self._install(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_write = time.monotonic()  # the time rule counts from the start of training
         # Lightning registers its own SIGTERM handler (a collective inside the handler, then exit code 0)
         # after `setup`: take the signals back.
         self._install(trainer)
@@ -116,15 +129,21 @@ class ContinualCheckpoint(ContinualCallback, Checkpoint):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         StopSignals.restore()
 
-    def _agreed_stop(self, trainer: L.Trainer) -> int | None:
-        """The stop signal if any rank received one (the largest number), else None; a collective under DDP."""
-        signum = stop_signal() or 0
-        if trainer.world_size > 1:  # one process needs no tensor (and no device sync)
-            local = torch.tensor(signum, device=trainer.strategy.root_device)
-            signum = int(trainer.strategy.reduce(local, reduce_op="max").item())
+    def _time_due(self, trainer: L.Trainer) -> bool:
+        """Whether `every_n_minutes` have passed since the last write, on rank 0's clock."""
+        return self.every_n_minutes is not None and time.monotonic() - self._last_write >= 60 * self.every_n_minutes
+
+    def _agreed(self, trainer: L.Trainer) -> tuple[int | None, bool]:
+        """(the stop signal if any rank received one, the largest number, else None; whether the time rule is
+        due on rank 0): one collective under DDP, none in one process."""
+        signum = (stop_signal() or 0) if self.stop_signals else 0
+        due = self._time_due(trainer)
+        if trainer.world_size > 1 and (self.stop_signals or self.every_n_minutes is not None):
+            local = torch.tensor([signum, int(due and trainer.is_global_zero)], device=trainer.strategy.root_device)
+            signum, due = (int(v) for v in trainer.strategy.reduce(local, reduce_op="max").tolist())
         if signum and signum not in StopSignals.received:
             StopSignals.received.append(signum)
-        return signum or None
+        return signum or None, bool(due)
 
     def _stop(self, trainer: L.Trainer, signum: int) -> None:
         path = self.last_path(trainer)
@@ -144,11 +163,11 @@ class ContinualCheckpoint(ContinualCallback, Checkpoint):
         # counts the epoch as done), skipping the task switch: the epoch-end write covers that batch instead.
         last_batch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
         stepped = trainer.global_step > self._step_at_batch_start
-        signum = self._agreed_stop(trainer) if self.stop_signals else None
+        signum, time_due = self._agreed(trainer)
         if last_batch or not stepped:
             return
         n = self.every_n_train_steps
-        if signum is not None or (n is not None and trainer.global_step % n == 0):
+        if signum is not None or time_due or (n is not None and trainer.global_step % n == 0):
             self.save(trainer)
         if signum is not None:
             self._stop(trainer, signum)
@@ -163,8 +182,9 @@ class ContinualCheckpoint(ContinualCallback, Checkpoint):
         switch = next((cb for cb in trainer.callbacks if isinstance(cb, TaskSwitch)), None)
         n = self.every_n_epochs
         due = (switch is not None and switch.ended_task_this_epoch) or (n > 0 and (trainer.current_epoch + 1) % n == 0)
-        signum = self._agreed_stop(trainer) if self.stop_signals else None
-        if due or signum is not None:
+        due = due or trainer.should_stop  # fit ends here (early stopping, a module's own stop): resumable from here
+        signum, time_due = self._agreed(trainer)
+        if due or time_due or signum is not None:
             self.save(trainer)
         if signum is not None:
             self._stop(trainer, signum)
@@ -189,6 +209,7 @@ class ContinualCheckpoint(ContinualCallback, Checkpoint):
             _replace(tmp, path)
         trainer.strategy.barrier("ContinualCheckpoint.save")
         StopSignals.last_saved = path
+        self._last_write = time.monotonic()
         return path
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:

@@ -322,6 +322,11 @@ CASES = [
         ("checkpoint.every_n_train_steps",),
     ),
     Case(
+        "time checkpoints every 0 minutes",
+        lambda f: fit(f, "--checkpoint.every_n_minutes", "0"),
+        ("checkpoint.every_n_minutes",),
+    ),
+    Case(
         "a signal that cannot be handled",
         lambda f: fit(f, "--checkpoint.stop_signals", "[SIGKILL]"),
         ("checkpoint.stop_signals", "SIGKILL"),

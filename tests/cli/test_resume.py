@@ -155,8 +155,8 @@ def test_sigusr1_under_slurm_saves_requeues_and_the_requeued_job_ends_as_an_unin
 
 
 @pytest.mark.slow
-def test_without_step_checkpoints_a_kill_resumes_from_the_epoch_end(uninterrupted, tmp_path):
-    args = fit_args(ER, tmp_path, *SHORT)
+def test_with_epoch_checkpoints_a_kill_resumes_from_the_epoch_end(uninterrupted, tmp_path):
+    args = fit_args(ER, tmp_path, *SHORT, "--checkpoint.every_n_epochs", "1")
     assert lifelong(args + signal_at("SIGKILL", step=75)).returncode == -9
     ckpt = last_checkpoint(tmp_path)  # the end of the first epoch (73 batches)
     assert ckpt["global_step"] == 73 and loader_state(ckpt)["epoch_done"] is True

@@ -1,13 +1,13 @@
 """One-GPU readiness check: every family at its paper's shapes, random weights, a few optimizer steps in bf16.
 
-    python benchmarks/gpu_check.py [--tiny] [--steps 3] [--batch N] [--families lmsrr r2moe dmpel zero2] [--out FILE]
+    python benchmarks/gpu_check.py [--tiny] [--steps 3] [--batch N] [--families ...] [--out FILE]
 
 Each family's LightningModule is built as its config builds it (random weights of the real architecture,
 nothing downloaded), its task hooks start task 1 (so the terms that only exist after the first task run
-too: LMSRR's drift and replay, R2MoE's routing distillation, DMPEL's mixing of two experts), and then
-`--steps` optimizer steps, after one warm-up step, run through the module's own `training_step` and batch
-hooks, its own `configure_optimizers`, under `torch.autocast` (bf16 on CUDA; float32 on a CPU unless
-`--precision bf16`). The rows:
+too: LMSRR's drift and replay, R2MoE's routing distillation, RID's distillation, DMPEL's mixing of two
+experts), and then `--steps` optimizer steps, after one warm-up step, run through the module's own
+`training_step` and batch hooks, its own `configure_optimizers`, under `torch.autocast` (bf16 on CUDA;
+float32 on a CPU unless `--precision bf16`). The rows:
 
 - LMSRR: two ViT-B/16 (the `base` preset) at 224x224 (CIFAR's 32x32 upsampled, as the released code),
   3 trainable blocks each, batch 32 + 32 replayed, CIFAR-100's 100 classes.
@@ -17,7 +17,13 @@ hooks, its own `configure_optimizers`, under `torch.autocast` (bf16 on CUDA; flo
 - DMPEL: the LIBERO-Goal policy of `configs/robot/dmpel_libero_goal.yaml` (its `policy` settings, a
   random CLIP ViT-B/16 written to a temporary folder as both image tower and instruction encoder), two
   128x128 cameras, joint and gripper states, window 10, batch 32, 10 tasks allocated.
-- RID, RORem: not in the suite yet (rows say so).
+- RID: reward 1 of `configs/diffusion/rid_rewards_tiny.yaml` at rid_sd15.yaml's shapes: SD 1.5's UNet, VAE
+  and CLIP text encoder (as R2MoE's row), 512x512, batch 8, 50 guided DDIM steps with gradients through the
+  last (K = 1), UNet gradient checkpointing, distillation from the EMA teacher (its update timed with the step).
+- RORem and its discriminator: `configs/removal/{rorem,discriminator}_tiny.yaml` with SDXL-inpainting's
+  9-channel UNet, VAE and two text encoders (public configs, random weights: 2.57 B UNet parameters), 512x512,
+  gradient checkpointing, one batch of the embedded removal set; batch 16 (RORem: the whole UNet trains) and
+  32 (D_phi: LoRA and the head), the sdxl configs' per-GPU batches.
 - DeepSpeed ZeRO-2: `lifelong fit` of LMSRR (the same two ViT-B/16) on Split-Digits with
   `configs/trainer/deepspeed_zero2.yaml`, one task of `--steps` + 1 steps, its evaluation and checkpoint;
   needs CUDA and the `deepspeed` package, otherwise the row says which is missing.
@@ -53,8 +59,7 @@ from unittest import mock
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-FAMILIES = ("lmsrr", "r2moe", "dmpel", "zero2")
-ABSENT = {"rid": "RID (reward-incremental diffusion)", "rorem": "RORem (object removal)"}
+FAMILIES = ("lmsrr", "r2moe", "rid", "rorem", "discriminator", "dmpel", "zero2")
 
 
 @functools.cache
@@ -148,6 +153,8 @@ class Case:
     batch: dict[str, Any]
     batch_size: int
     shapes: str
+    #: what a callback does after each optimizer step and belongs to the step's cost (RID's EMA update)
+    after_step: Callable[[], None] | None = None
 
 
 def start_task(model, task_id: int) -> None:
@@ -177,6 +184,8 @@ def train_steps(case: Case, run: Run) -> dict[str, Any]:
         loss.backward()
         optimizer.step()
         model.on_train_batch_end({"loss": loss}, batch, step)
+        if case.after_step is not None:
+            case.after_step()
         losses.append(float(loss.detach().float()))
         sync(run.device)
         times.append(time.perf_counter() - start)
@@ -304,6 +313,143 @@ def r2moe_case(run: Run) -> Case:
     unet = "tiny UNet" if run.tiny else "SD 1.5 UNet + VAE + CLIP-L text"
     shapes = f"{unet}, {resolution}x{resolution} (latents {side}x{side}), batch {batch}, {concepts} concepts"
     return Case(model, data, batch, shapes)
+
+
+# -- RID -------------------------------------------------------------------------------------------
+def rid_case(run: Run) -> Case:
+    """Reward 1 of RID: its own adapter trains (reward 0's is frozen), DRaFT-1 reward gradients (K = 1)
+    through guided DDIM sampling, distillation from the EMA teacher, whose update is part of the step."""
+    from callbacks import EMATeacher
+    from cli.diffusion import build
+
+    if run.tiny:
+        base, resolution, batch, steps = "tiny", 32, 2, 4
+        patch = contextlib.nullcontext()
+    else:  # rid_sd15.yaml's batch, resolution and sampling
+        base, resolution, batch, steps = "sd15", 512, 8, 50
+        patch = mock.patch("lightning_modules.nn.diffusion.components.load_stable_diffusion", sd15_full_parts)
+    batch = run.batch_size(batch)
+    overrides = [
+        f"--model.init_args.pretrained_model_name_or_path={base}",
+        f"--model.init_args.train_inference_steps={steps}",
+        "--model.init_args.train_guidance_scale=5.0",
+        "--model.init_args.truncation=draft",
+        "--model.init_args.backprop_steps=1",
+        f"--model.init_args.gradient_checkpointing={str(not run.tiny).lower()}",
+        f"--data.init_args.resolution={resolution}",
+        f"--data.init_args.batch_size={batch}",
+    ]
+    torch.manual_seed(0)
+    with patch:
+        model, datamodule, _ = build([str(ROOT / "configs/diffusion/rid_rewards_tiny.yaml")], overrides)
+    model.to(run.device)
+    start_task(model, 0)
+    model.on_task_end(0)
+    start_task(model, 1)
+    teacher = EMATeacher(momentum=0.999)  # rid_sd15.yaml's
+    teacher.reset(model)  # what the callback does at each task start
+    prompts = list(datamodule.train_prompts(1))
+    data = {"prompt": [prompts[i % len(prompts)] for i in range(batch)]}
+    unet = "tiny UNet" if run.tiny else "SD 1.5 UNet + VAE + CLIP-L text"
+    side = resolution // model.parts.vae_scale_factor
+    shapes = (
+        f"{unet}, {resolution}x{resolution} (latents {side}x{side}), batch {batch}, {steps} DDIM steps with CFG, "
+        f"K = 1, reward {datamodule.stream.task_names[1]}"
+    )
+    return Case(model, data, batch, shapes, after_step=lambda: teacher.update(model))
+
+
+# -- RORem and its discriminator -------------------------------------------------------------------
+def sdxl_inpainting_parts(path: str, seed: int = 0):
+    """SDXL-inpainting's 9-channel UNet, its VAE and its two text encoders (CLIP-L and OpenCLIP bigG), from the
+    public configs of diffusers/stable-diffusion-xl-1.0-inpainting-0.1, random weights; the tokenizers and
+    the Euler scheduler of the tiny preset (the same classes)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from lightning_modules.nn.diffusion.inpainting import InpaintingParts, tiny_inpainting
+    from lightning_modules.nn.diffusion.tokenizer import CLIP_TEXT_VOCAB
+
+    tiny = tiny_inpainting(seed)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=128,
+        in_channels=9,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+    vae = sd15_vae()
+    vae.register_to_config(sample_size=1024, scaling_factor=0.13025)  # SDXL's VAE: SD's layout, its own scale
+    clip_l = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12)
+    clip_g = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(**CLIP_TEXT_VOCAB, **clip_l, projection_dim=768, hidden_act="quick_gelu")
+    )
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(**CLIP_TEXT_VOCAB, **clip_g, projection_dim=1280, hidden_act="gelu")
+    )
+    parts = InpaintingParts(
+        unet, vae, text_encoder, text_encoder_2, tiny.tokenizer, tiny.tokenizer_2, tiny.noise_scheduler
+    )
+    return parts.requires_grad_(False)
+
+
+def removal_case(run: Run, config: str, batch: int, counts: dict[str, int]) -> Case:
+    """A removal module built from `config` (the tiny preset, or SDXL-inpainting's shapes at 512 with gradient
+    checkpointing, as the sdxl configs train), with one batch of the embedded removal set at its resolution."""
+    from cli.diffusion import build
+    from lightning_modules.removal.base import RemovalModule
+
+    resolution = 32 if run.tiny else 512
+    batch = run.batch_size(batch)
+    overrides = [
+        f"--data.init_args.resolution={resolution}",
+        f"--data.init_args.batch_size={batch}",
+        f"--data.init_args.counts={json.dumps({**counts, 'train': max(batch, counts['train'])})}",
+        "--data.init_args.num_workers=0",
+    ]
+    if run.tiny:
+        patch = contextlib.nullcontext()
+    else:
+        overrides += [
+            "--model.init_args.pretrained_model_name_or_path=sdxl",
+            "--model.init_args.gradient_checkpointing=true",
+        ]
+        patch = mock.patch("lightning_modules.nn.diffusion.inpainting.load_inpainting", sdxl_inpainting_parts)
+    torch.manual_seed(0)
+    with patch:
+        model, datamodule, _ = build([str(ROOT / config)], overrides, RemovalModule, "an object-removal method")
+    model.to(run.device)
+    start_task(model, 0)
+    datamodule.setup("fit")
+    data = next(iter(datamodule.train_dataloader()))
+    data = model.transfer_batch_to_device(data, run.device, 0)
+    unet = "tiny inpainting UNet" if run.tiny else "SDXL-inpainting UNet + VAE + CLIP-L and bigG text"
+    side = resolution // model.parts.vae_scale_factor
+    return Case(model, data, batch, f"{unet}, {resolution}x{resolution} (latents {side}x{side}), batch {batch}")
+
+
+def rorem_case(run: Run) -> Case:
+    """RORem's supervised round: the whole 9-channel UNet trains on (source, mask, ground truth) triplets."""
+    return removal_case(
+        run, "configs/removal/rorem_tiny.yaml", 2 if run.tiny else 16, {"train": 16, "inputs": 8, "eval": 4}
+    )
+
+
+def discriminator_case(run: Run) -> Case:
+    """RORem's discriminator D_phi: LoRA on the down and mid blocks' attention plus the head, MSE to the label."""
+    config = "configs/removal/discriminator_tiny.yaml"
+    return removal_case(run, config, 4 if run.tiny else 32, {"train": 16, "inputs": 8, "eval": 8})
 
 
 # -- DMPEL -----------------------------------------------------------------------------------------
@@ -478,6 +624,9 @@ def zero2_row(run: Run) -> dict[str, Any]:
 CASES: dict[str, tuple[str, str, Callable[[Run], Case]]] = {
     "lmsrr": ("classification", "LMSRR", lmsrr_case),
     "r2moe": ("text-to-image", "R2MoE", r2moe_case),
+    "rid": ("text-to-image", "RID", rid_case),
+    "rorem": ("object removal", "RORem", rorem_case),
+    "discriminator": ("object removal", "RORem discriminator", discriminator_case),
     "dmpel": ("robot", "DMPEL", dmpel_case),
 }
 
@@ -585,9 +734,6 @@ def main(argv: list[str] | None = None) -> int:
             if key in opts.families:
                 rows.append(check_family(key, run))
                 print(f"{key}: {rows[-1]['status']} ({rows[-1]['wall_s']:.1f} s)", flush=True)
-    for key, name in ABSENT.items():
-        absent = {"status": "not present", "error": "not in the suite yet"}
-        rows.append({"key": key, "family": "text-to-image", "method": name, **absent})
     result = {
         "tiny": opts.tiny,
         "device": device.type,

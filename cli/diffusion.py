@@ -28,30 +28,20 @@ from cli.files import atomic_write, atomic_write_text, check_output_file, check_
 
 
 def _parser(prog: str, description: str):
-    from jsonargparse import ArgumentParser
+    from cli.main import config_parser
 
-    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
-    parser.add_argument("-c", "--config", action="append", required=True, help="the experiment's YAML (repeatable)")
-    parser.add_argument("--set", action="append", default=[], help="extra CLI overrides, e.g. --set=--data.root=x")
-    return parser
+    return config_parser(prog, description)
 
 
 def build(
     configs: list[str], extra: list[str] = (), family: type | None = None, what: str = "a text-to-image method"
 ) -> tuple[Any, Any, dict[str, Any]]:
-    """(model, datamodule, settings) as `lifelong fit -c ...` would build them, on CPU, without training; the
-    settings are what a checkpoint loaded into the model must agree with (`cli.main.run_settings`). The model
-    must be a `family` (default: `TextToImageModule`), else one line says it is not `what`."""
-    from cli.main import build_cli, run_settings
+    """`cli.main.build_model` for this family: the model must be a `family` (default: `TextToImageModule`)."""
+    from cli.main import build_model
 
-    args = [a for c in configs for a in ("-c", c)]
-    args += ["--trainer.logger", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "1", *extra]
-    cli = build_cli(args)
     if family is None:
         from lightning_modules.diffusion.base import TextToImageModule as family
-    if not isinstance(cli.model, family):
-        raise ConfigError(f"model: {type(cli.model).__name__} is not {what}")
-    return cli.model, cli.datamodule, run_settings(cli.config)
+    return build_model(configs, extra, family, what)
 
 
 #: the settings a concept checkpoint is checked against before loading: its method and its base model

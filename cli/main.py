@@ -377,6 +377,7 @@ EXTRA_COMMANDS = {
     "export": "cli.diffusion:export",
     "make-reg": "cli.diffusion:make_reg",
     "make-demos": "cli.robot:make_demos",
+    "rollout": "cli.robot:rollout",
     "pretrain-bases": "cli.bases:pretrain_bases",
     "check-data": "cli.removal:check_data",
     "remove": "cli.removal:remove",
@@ -520,6 +521,29 @@ def build_cli(args: list[str]) -> LifelongCLI:
     with one_line_errors():
         check_config_files(args)
         return LifelongCLI(args=args, run=False)
+
+
+def config_parser(prog: str, description: str):
+    """The parser of a subcommand driven by the experiment's YAML: `-c CONFIG` (repeatable) and `--set` overrides;
+    the subcommand adds its own options."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
+    parser.add_argument("-c", "--config", action="append", required=True, help="the experiment's YAML (repeatable)")
+    parser.add_argument("--set", action="append", default=[], help="extra CLI overrides, e.g. --set=--data.root=x")
+    return parser
+
+
+def build_model(configs: list[str], extra: list[str], family: type, what: str) -> tuple[Any, Any, dict[str, Any]]:
+    """(model, datamodule, settings) as `lifelong fit -c ...` would build them, on CPU, without training, for
+    the subcommands that load a checkpoint into a fresh model; the settings are what that checkpoint must
+    agree with (`run_settings`). A model that is not a `family` is one line saying it is not `what`."""
+    args = [a for c in configs for a in ("-c", c)]
+    args += ["--trainer.logger", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "1", *extra]
+    cli = build_cli(args)
+    if not isinstance(cli.model, family):
+        raise ConfigError(f"model: {type(cli.model).__name__} is not {what}")
+    return cli.model, cli.datamodule, run_settings(cli.config)
 
 
 def _is_rank_zero() -> bool:

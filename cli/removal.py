@@ -98,10 +98,10 @@ def _batches(items: list[tuple[str, dict[str, Any]]], size: int):
 
 
 def _parser(prog: str, description: str, edited: bool):
-    """The text-to-image subcommands' parser (-c, --set) with the removal inputs and outputs."""
+    """The YAML-driven subcommand parser (-c, --set) with the removal inputs and outputs."""
     from jsonargparse.typing import PositiveInt
 
-    from cli.diffusion import _parser as config_parser
+    from cli.main import config_parser
 
     parser = config_parser(prog, description)
     parser.add_argument("--ckpt_path", type=str | None, default=None, help="a fit checkpoint (last.ckpt)")

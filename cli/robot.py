@@ -1,7 +1,9 @@
-"""The robot subcommand: demonstrations from Meta-World's scripted experts, one LIBERO-like HDF5 per task.
+"""The robot subcommands: demonstrations from Meta-World's scripted experts, one LIBERO-like HDF5 per task,
+and one episode of a trained policy as a GIF or a state-trajectory figure.
 
     lifelong make-demos --suite cw10 --demos 50 --out DIR [--noise 0.1] [--horizon 150] [--image_size 0]
     lifelong make-demos --tasks reach-v3 --tasks push-v3 --out DIR
+    lifelong rollout -c CONFIG --ckpt_path CKPT --task faucet-close-v3 [--episode 0] --out episode.gif|.png
 
 Files are `DIR/<env name>.hdf5` (the layout `datamodules.robot.demos` describes); a task whose file is
 already complete for these settings is skipped, so an interrupted run resumes where it stopped. A file in DIR
@@ -9,6 +11,10 @@ is never replaced unless `--replace_stale true` is given and it is one this comm
 or fewer demos; an unreadable file, or one made elsewhere, is reported and left as it is. Training
 runs make the same files on first use (`RobotDataModule.prepare_data`), so this command is only needed to
 make them ahead of time or elsewhere.
+
+`rollout` plays episode `--episode` (an initial state of the evaluation set) of `--task` with the checkpoint's
+policy as `lifelong fit` evaluates it, and writes its camera frames as a GIF where MuJoCo renders offscreen
+(`MUJOCO_GL=egl|osmesa`), or its low-dimensional states over the episode as a PNG figure.
 """
 
 from __future__ import annotations
@@ -87,3 +93,55 @@ def make_demos(argv: list[str]) -> None:
         make_suite_demos(suite, cfg.out, settings, progress=cfg.progress, replace_stale=cfg.replace_stale)
     except ConfigError as err:
         fail(str(err))
+
+
+def _task_index(names: list[str], task: str) -> int:
+    if task in names:
+        return names.index(task)
+    if task.isdigit() and int(task) < len(names):
+        return int(task)
+    raise ConfigError(f"--task {task!r} is not one of {names} (or their index)")
+
+
+def rollout(argv: list[str]) -> None:
+    """`lifelong rollout`: one evaluation episode of a checkpoint's policy to a GIF or PNG; one line on bad input."""
+    import numpy as np
+
+    from cli.main import _read_checkpoint, build_model, config_parser
+    from datamodules.robot.media import write_rollout
+    from lightning_modules.robot.base import RobotImitationModule
+
+    parser = config_parser("lifelong rollout", "Play one episode of a trained robot policy and save what it did.")
+    parser.add_argument("--ckpt_path", type=str, required=True, help="a fit checkpoint (last.ckpt)")
+    parser.add_argument("--task", type=str, required=True, help="task name or index in the stream")
+    parser.add_argument("--episode", type=int, default=0, help="initial state number (the evaluation's 0, 1, ...)")
+    parser.add_argument("--out", type=str, required=True, help="a .gif (camera frames) or .png (state trajectory)")
+    try:
+        cfg = parse_args(parser, argv)
+        if cfg.episode < 0:
+            raise ConfigError(f"--episode must be 0 or more, got {cfg.episode}")
+        model, _, settings = build_model(cfg.config, cfg.set, RobotImitationModule, "a robot method")
+        checkpoint = _read_checkpoint(cfg.ckpt_path)
+        saved = ((checkpoint.get("lifelong") or {}).get("settings") or {}).get("model.class_path")
+        if saved is not None and saved != settings.get("model.class_path"):
+            raise ConfigError(
+                f"--ckpt_path {cfg.ckpt_path} was trained with model {saved}, the config gives "
+                f"{settings.get('model.class_path')}; use the config it was trained with"
+            )
+        model.on_load_checkpoint(checkpoint)
+        model.load_state_dict(checkpoint["state_dict"])
+        model.eval()
+        names = list(model.stream.task_names)
+        task = _task_index(names, cfg.task)
+        try:
+            result = model.play(task, [cfg.episode], record=1)
+        finally:
+            model.close_runner()
+        solved = bool(result.success[0])
+        frames = result.frames[0] if result.frames else None
+        outcome = f"{'solved' if solved else 'not solved'} in {int(result.steps[0])} steps"
+        title = f"{names[task]} episode {cfg.episode}: {outcome}"
+        path = write_rollout(cfg.out, frames, np.asarray(result.trajectories[0]), solved, title)
+    except ConfigError as err:
+        fail(str(err))
+    print(f"{title}; wrote {path}")

@@ -47,6 +47,8 @@ class RolloutResult:
     success: np.ndarray  # (n,) bool: the task was solved within the horizon
     steps: np.ndarray  # (n,) int: policy steps taken (up to and including the solving step)
     frames: list[np.ndarray] = field(default_factory=list)  # up to `record` videos (T, H, W, 3) uint8
+    #: the first `record` episodes' low-dimensional observations, (T, D) each (`media.low_dim`), rendering or not
+    trajectories: list[np.ndarray] = field(default_factory=list)
 
     @property
     def success_rate(self) -> float:
@@ -281,6 +283,9 @@ class RolloutRunner:
         obs: dict[int, dict[str, np.ndarray]] = {}
         for h in busy:
             obs.update(hosts[h].recv(f"reset of task {task_id}"))
+        from datamodules.robot.media import low_dim
+
+        tracked = {slot: [low_dim(obs[slot])] for slot in range(min(record, n))}
 
         success = np.zeros(n, dtype=bool)
         steps = np.zeros(n, dtype=np.int64)
@@ -306,6 +311,8 @@ class RolloutRunner:
                 for slot, o, solved in hosts[h].recv(f"step of task {task_id}"):
                     obs[slot] = o
                     success[slot] |= solved
+                    if slot in tracked:
+                        tracked[slot].append(low_dim(o))
             steps[ids] += 1
             active = [i for i in active if not success[i] and steps[i] < self.spec.horizon]
 
@@ -316,7 +323,8 @@ class RolloutRunner:
                 hosts[h].send("take_frames")
                 videos.update(hosts[h].recv("frame collection"))
             frames = [videos[slot] for slot in sorted(videos)]
-        return RolloutResult(success, steps, frames)
+        trajectories = [np.stack(tracked[slot]) for slot in sorted(tracked)]
+        return RolloutResult(success, steps, frames, trajectories)
 
     def close(self) -> None:
         """Stop the worker processes and close the envs (a later `run` starts new ones)."""

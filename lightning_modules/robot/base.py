@@ -91,6 +91,9 @@ class RobotImitationModule(ContinualModule):
     policy_checkpoint: a local file with pretrained policy weights (a `policy.` state dict as saved by
         `lifelong fit` of a multitask run, or a plain policy state dict); None: random initialisation.
     rollout_workers: simulator worker processes for evaluation (0: in this process).
+    rollout_media: at each evaluation, episode 0 of each task goes to TensorBoard as `rollout/<task>`: an
+        animated GIF where MuJoCo renders offscreen (`MUJOCO_GL=egl|osmesa`), else its state trajectory as a
+        figure (one line says so, once per run); recording costs a render per step of that episode.
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class RobotImitationModule(ContinualModule):
         language_encoder: str = "minilm",
         policy_checkpoint: str | None = None,
         rollout_workers: int = 0,
+        rollout_media: bool = True,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
@@ -123,6 +127,8 @@ class RobotImitationModule(ContinualModule):
         if rollout_workers < 0:
             raise ConfigError(f"model.rollout_workers must be 0 (in this process) or more, got {rollout_workers}")
         self.rollout_workers = rollout_workers
+        self.rollout_media = rollout_media
+        self._media_note_given = False
         self._runner = None
         self._queue: dict[int, Tensor] = {}  # per episode: its last `window` steps' tokens
         self._query_fifo: dict[int, Tensor] = {}  # per episode: its last `window` routing queries (if routed)
@@ -289,17 +295,57 @@ class RobotImitationModule(ContinualModule):
             self.finish_step()
         return actions.clamp_(-1, 1).float().cpu().numpy()
 
-    def eval_step(self, batch: dict[str, Tensor], task_id: int) -> dict[str, Tensor]:
-        """Plays the batch's episodes of task `task_id`; one success (0/1) per episode."""
-        episodes = batch["episode"].tolist()
+    def play(self, task_id: int, episodes: list[int], record: int = 0):
+        """A `RolloutResult` of `episodes` (initial-state numbers) of task `task_id`, seeded by the first
+        episode so a batch plays the same wherever it runs; the first `record` episodes are recorded."""
         self._queue, self._query_fifo = {}, {}
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.stream.env.eval_seed + 7919 * task_id + episodes[0])
-                result = self.runner.run(task_id, episodes, lambda obs, ids, reset: self.act(obs, ids, reset, task_id))
+                policy = lambda obs, ids, reset: self.act(obs, ids, reset, task_id)  # noqa: E731
+                return self.runner.run(task_id, episodes, policy, record=record)
         finally:
             self._queue, self._query_fifo = {}, {}
+
+    def eval_step(self, batch: dict[str, Tensor], task_id: int) -> dict[str, Tensor]:
+        """Plays the batch's episodes of task `task_id`; one success (0/1) per episode. The batch holding
+        episode 0 (first) records it for `rollout_media`."""
+        episodes = batch["episode"].tolist()
+        record = int(self._media_writer() is not None and episodes[0] == 0)
+        result = self.play(task_id, episodes, record)
+        if record:
+            self._log_rollout(task_id, result)
         return {"success_rate": torch.as_tensor(result.success, dtype=torch.float32, device=self.device)}
+
+    def _media_writer(self):
+        """The TensorBoard writer rollout media go to, or None (off, no trainer, another logger)."""
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        if not self.rollout_media or self._trainer is None or not isinstance(self.logger, TensorBoardLogger):
+            return None
+        return self.logger.experiment
+
+    def _log_rollout(self, task_id: int, result) -> None:
+        """Episode 0 of task `task_id` (the first row of the batch) to TensorBoard; a failure is one line."""
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        from datamodules.robot.media import log_rollout
+
+        frames = result.frames[0] if result.frames else None
+        tag = f"rollout/{self.stream.task_names[task_id]}"
+        try:
+            what = log_rollout(
+                self._media_writer(), tag, frames, result.trajectories[0], bool(result.success[0]), self.global_step
+            )
+        except Exception as err:  # noqa: BLE001 - media are a view on the run; never stop it
+            rank_zero_warn(f"model.rollout_media: {tag} was not written ({type(err).__name__}: {err})")
+            return
+        if what == "figure" and not self._media_note_given:
+            self._media_note_given = True
+            rank_zero_warn(
+                "model.rollout_media: MuJoCo cannot render here, so rollouts go to TensorBoard as state-trajectory "
+                "figures; set MUJOCO_GL=egl (GPU) or MUJOCO_GL=osmesa (CPU, needs libosmesa) for videos"
+            )
 
     def on_fit_end(self) -> None:
         self.close_runner()

@@ -99,13 +99,13 @@ class ProbeRunner:
     def __init__(self, probe):
         self.probe, self.seen = probe, []
 
-    def run(self, task_id, episodes, policy):
+    def run(self, task_id, episodes, policy, record=0):
         n = len(episodes)
         obs = {k: np.zeros((n, *s), dtype=np.float32) for k, s in SHAPES}
         actions = policy(obs, np.arange(n), np.ones(n, dtype=bool))
         assert actions.shape == (n, 4)
         self.seen.append(self.probe())
-        return SimpleNamespace(success=np.ones(n, dtype=bool))
+        return SimpleNamespace(success=np.ones(n, dtype=bool), trajectories=[])
 
     def close(self) -> None:
         pass

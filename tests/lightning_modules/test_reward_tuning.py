@@ -192,7 +192,11 @@ def test_lora_merge_folds_non_zero_adapters_in_and_takes_them_out():
     with model.base_model():
         plain = _unet_out(model)
     adapted = _unet_out(model)
-    assert (adapted - plain).abs().max() > 1e-2  # merging reassociates float sums: ~5e-5 apart, not 0
+    effect = (adapted - plain).abs().max().item()
+    assert effect > 0.1
+    # Merging reassociates float sums, so outputs differ by ~1e-4 depending on the CPU's kernels;
+    # 1% of the adapters' own effect still tells a merged model from an unmerged or doubled one.
+    tol = 0.01 * effect
 
     merge = LoRAMerge()
     merge.on_task_training_end(None, model, 1)
@@ -201,9 +205,9 @@ def test_lora_merge_folds_non_zero_adapters_in_and_takes_them_out():
         n for n, p in model.parts.unet.named_parameters() if "base_layer" in n and not torch.equal(p, weights[n])
     ]
     assert changed  # the base weights now hold the deltas
-    torch.testing.assert_close(_unet_out(model), adapted, atol=1e-4, rtol=0)
+    torch.testing.assert_close(_unet_out(model), adapted, atol=tol, rtol=0)
     with model.base_model():  # the base model is still reachable while merged
-        torch.testing.assert_close(_unet_out(model), plain, atol=1e-4, rtol=0)
+        torch.testing.assert_close(_unet_out(model), plain, atol=tol, rtol=0)
     assert model.adapters_merged()
 
     merge.on_task_start(None, model, 2)
@@ -211,7 +215,7 @@ def test_lora_merge_folds_non_zero_adapters_in_and_takes_them_out():
     for n, p in model.parts.unet.named_parameters():
         if "base_layer" in n:
             torch.testing.assert_close(p, weights[n], atol=1e-6, rtol=0)
-    torch.testing.assert_close(_unet_out(model), adapted, atol=1e-4, rtol=0)
+    torch.testing.assert_close(_unet_out(model), adapted, atol=tol, rtol=0)
 
 
 def test_the_export_is_one_lora_a_stock_pipeline_samples_like_the_suite(tmp_path):

@@ -8,6 +8,7 @@ from callbacks.ema_teacher import EMATeacher
 from callbacks.expert_freezing import ExpertFreezing
 from callbacks.lora_merge import LoRAMerge
 from callbacks.task_switch import TaskSwitch
+from callbacks.throughput import Throughput
 
 __all__ = [
     "ContinualCallback",
@@ -18,5 +19,6 @@ __all__ = [
     "ExpertFreezing",
     "LoRAMerge",
     "TaskSwitch",
+    "Throughput",
     "summarize",
 ]

@@ -29,6 +29,7 @@ import lightning_modules  # noqa: F401  (registers the methods)
 from callbacks import ContinualMetrics, ExpertFreezing, TaskSwitch  # also registers them for short class names
 from callbacks.checkpoint import LAST, ContinualCheckpoint
 from callbacks.progress import RichProgressBar
+from callbacks.throughput import Throughput
 from cli.errors import ConfigError
 from cli.files import check_output_folder, load_torch_file
 from cli.runtime import StopRequested
@@ -164,6 +165,7 @@ class LifelongCLI(LightningCLI):
         parser.add_lightning_class_args(ContinualMetrics, "continual_metrics")
         parser.add_lightning_class_args(ExpertFreezing, "expert_freezing")
         parser.add_lightning_class_args(ContinualCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(Throughput, "throughput")
         parser.add_argument(
             "--allow_changes",
             type=list[str],

@@ -58,6 +58,11 @@ class ContinualModule(L.LightningModule):
     def on_task_end(self, task_id: int) -> None:
         """Task `task_id` is over (before it is evaluated): consolidate here (Fisher, exemplars, ...)."""
 
+    def compute_modules(self) -> dict[str, nn.Module]:
+        """The networks that do this method's heavy lifting, each called as a module (its forward runs in
+        the step): what `callbacks.Throughput` compiles or stores channels-last. None by default."""
+        return {}
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimizer of the current task updates."""
         return [p for p in self.parameters() if p.requires_grad]

@@ -1046,6 +1046,11 @@ CASES = [
         ("model.dpo.online_samples", "at least 2"),
     ),
     Case(
+        "throughput.compile with an argument torch.compile does not take",
+        lambda f: fit(f, "--throughput.compile={modee: max-autotune}"),
+        ("throughput.compile", "modee", "torch.compile"),
+    ),
+    Case(
         "a preference pair without its preferred removal",
         lambda f: ["check-data", str(f / "set" / "pairs.json")],
         ("pairs.json", "entry 0", "without a 'preferred' key"),

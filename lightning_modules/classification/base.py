@@ -62,6 +62,9 @@ class ClassIncrementalModule(ContinualModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.backbone(x))
 
+    def compute_modules(self) -> dict[str, nn.Module]:
+        return {"backbone": self.backbone}
+
     def network(self) -> nn.Module:
         """The live network (backbone then head) as one module, e.g. for snapshots."""
         return nn.Sequential(self.backbone, self.head)

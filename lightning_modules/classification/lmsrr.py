@@ -75,6 +75,16 @@ class LMSRR(ReplayModule):
         super().on_task_start(task_id)
         self.reference.load_from(self.backbone.trainable_blocks())
 
+    def compute_modules(self) -> dict[str, nn.Module]:
+        """Every transformer block of every source: the step runs them one by one (`forward_levels`), never
+        through the backbone's own forward."""
+        return {
+            f"source_{j}.{kind}_{k}": block
+            for j, source in enumerate(self.backbone.sources)
+            for kind, blocks in (("frozen", source.frozen_blocks), ("block", source.blocks))
+            for k, block in enumerate(blocks)
+        }
+
     def switches(self) -> Tensor:
         """One soft switch s_jk in (0, 1) per (backbone, level), with fresh Gumbel noise."""
         return F.gumbel_softmax(self.switch_logits, tau=self.tau, hard=False)[:, 0]

@@ -74,6 +74,9 @@ class TextToImageModule(ContinualModule):
         """Whether state-dict entry `name` is part of what this method learns (checkpoint, export)."""
         return False
 
+    def compute_modules(self) -> dict[str, nn.Module]:
+        return {"unet": self.parts.unet}
+
     def delta_state_dict(self) -> dict[str, Tensor]:
         return {k: v for k, v in self.state_dict().items() if self.is_delta(k)}
 

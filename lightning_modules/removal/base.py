@@ -57,6 +57,9 @@ class RemovalModule(ContinualModule):
         self.strict_loading = False  # checkpoints hold the delta only
 
     # -- conditioning -------------------------------------------------------------------------
+    def compute_modules(self) -> dict[str, nn.Module]:
+        return {"unet": self.parts.unet}
+
     def prompt_conditioning(self, prompt: str = "") -> tuple[Tensor, Tensor]:
         """(context 1 x 77 x d, pooled 1 x p) of `prompt`, computed once per prompt and device; the empty prompt
         follows `prompt_embedding`."""

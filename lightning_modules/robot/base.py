@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from cli.errors import ConfigError
@@ -155,6 +155,14 @@ class RobotImitationModule(ContinualModule):
     def on_task_start(self, task_id: int) -> None:
         super().on_task_start(task_id)
         self._query_fifo = {}
+
+    def compute_modules(self) -> dict[str, nn.Module]:
+        """The temporal transformer's blocks (called one by one, with the block-causal mask) and the
+        image encoder where there are cameras."""
+        found: dict[str, nn.Module] = {f"block_{i}": b for i, b in enumerate(self.policy.blocks)}
+        if self.policy.image is not None:
+            found["image"] = self.policy.image
+        return found
 
     def added_parameters(self, task_id: int) -> int:
         """Parameters added for task `task_id`: none here - the method trains the weights it has (Sequential,

@@ -12,16 +12,9 @@ from datamodules.base import TaskStream
 from datamodules.rewards import RewardDataModule
 from lightning_modules import LMSRR, LoRAGroup
 from lightning_modules.base import ContinualModule
+from tests.lightning_modules.test_reward_tuning import _unet_out
 
 STREAM = TaskStream(task_names=("a", "b"), classes_per_task=(2, 2), input_shape=(3, 32, 32))
-
-
-def _unet_out(model) -> torch.Tensor:
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(1, 4, 8, 8, generator=g)
-    ctx = model.parts.encode_text(["a handwritten digit two"])
-    with torch.no_grad():
-        return model.parts.unet(x, torch.tensor([500]), ctx).sample
 
 
 def test_channels_last_stores_the_unets_conv_weights_channels_last_and_keeps_its_outputs():

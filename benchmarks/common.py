@@ -60,19 +60,15 @@ def run_jobs(script: str, todo: list[tuple[str, int]], out: Path, jobs: int, ext
     """Runs `script --one METHOD SEED out/METHOD_seedSEED.json [extra]` for each pair, `jobs` at a time, one
     torch thread each; stops naming the runs that failed."""
     out.mkdir(parents=True, exist_ok=True)
-    running: list[tuple[subprocess.Popen, str, int]] = []
-    finished: list[tuple[subprocess.Popen, str, int]] = []
+    started: list[tuple[subprocess.Popen, str, int]] = []
     for method, seed in todo:
-        while len(running) >= jobs:
-            done = [r[0].poll() is not None for r in running]
-            finished += [r for r, d in zip(running, done, strict=True) if d]
-            running = [r for r, d in zip(running, done, strict=True) if not d]
+        while sum(p.poll() is None for p, _, _ in started) >= jobs:
             time.sleep(1)
         cmd = [sys.executable, script, "--one", method, str(seed), str(out / f"{method}_seed{seed}.json"), *extra]
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        running.append((subprocess.Popen(cmd, env=env, cwd=ROOT), method, seed))
+        started.append((subprocess.Popen(cmd, env=env, cwd=ROOT), method, seed))
         print(f"started {method} seed {seed}", flush=True)
-    failed = [(m, s) for p, m, s in finished + running if p.wait() != 0]
+    failed = [(m, s) for p, m, s in started if p.wait() != 0]
     if failed:
         raise SystemExit(f"runs failed: {failed}")
 

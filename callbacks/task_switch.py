@@ -67,6 +67,10 @@ class TaskSwitch(L.Callback):
         self.rebuild_pending = False
         #: whether the epoch that just ended was a task's last (the checkpoint callback reads it)
         self.ended_task_this_epoch = False
+        #: names of the parameters the optimizer got in the last task started in this process
+        self.trainable: set[str] | None = None
+        #: tasks at whose start the trainable parameters differed from the previous task's (this process)
+        self.trainable_changes: list[int] = []
 
     @staticmethod
     def _stream(trainer: L.Trainer) -> Any:
@@ -115,12 +119,28 @@ class TaskSwitch(L.Callback):
         if not self.rebuild_pending:
             return
         self.rebuild_pending = False
+        self._note_trainable(trainer, pl_module)
         if not self.rebuild_optimizer:
             return
         if isinstance(trainer.strategy, DeepSpeedStrategy):
             rank_zero_warn("DeepSpeed owns its optimizer: it is kept across tasks (its state is not reset).")
             return
         trainer.strategy.setup_optimizers(trainer)
+
+    def _note_trainable(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Records which parameters train in the task that starts now; under DeepSpeed, whose one optimizer
+        was built over the first task's, a change stops the run before it trains the wrong ones."""
+        now = pl_module.trained_names()
+        if self.trainable is not None and now != self.trainable:
+            self.trainable_changes.append(self.task)
+            if isinstance(trainer.strategy, DeepSpeedStrategy):
+                changed = sorted(now ^ self.trainable)
+                raise ConfigError(
+                    f"trainer.strategy deepspeed: {type(pl_module).__name__} trains other parameters in task "
+                    f"{self.task} ({len(changed)} changed, e.g. {changed[0]}), and DeepSpeed keeps the first "
+                    "task's optimizer for the whole stream: use ddp"
+                )
+        self.trainable = now
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.epochs_per_task:

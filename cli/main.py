@@ -274,11 +274,19 @@ class LifelongCLI(LightningCLI):
         # None (not given) means on, as in Lightning
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
             config["callbacks"] = list(config.get("callbacks") or []) + [RichProgressBar()]
+        strategy = config.get("strategy")
+        model = getattr(self, "model", None)
+        if isinstance(strategy, str) and strategy.startswith("deepspeed") and isinstance(model, ContinualModule):
+            reason = model.deepspeed_unsupported()
+            if reason:
+                raise ConfigError(
+                    f"trainer.strategy {strategy}: {reason}, and DeepSpeed keeps one optimizer for the whole "
+                    f"stream; use {', '.join(PORTABLE_STRATEGIES)}"
+                )
         try:
             return super()._instantiate_trainer(config, extra_callbacks)
         except (MisconfigurationException, ValueError, TypeError) as err:  # Lightning checks the trainer's settings
             reason = " ".join(str(err).split())
-            strategy = config.get("strategy")
             if isinstance(strategy, str) and strategy.startswith(GPU_STRATEGIES):
                 raise ConfigError(
                     f"trainer.strategy {strategy}: {reason} It runs on CUDA GPUs only; here use "

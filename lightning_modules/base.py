@@ -63,9 +63,25 @@ class ContinualModule(L.LightningModule):
         the step): what `callbacks.Throughput` compiles or stores channels-last. None by default."""
         return {}
 
+    def deepspeed_unsupported(self) -> str | None:
+        """Why DeepSpeed cannot run this method, or None. DeepSpeed keeps the optimizer built for the first
+        task over the whole stream and partitions gradients inside backward, so a method that trains other
+        parameters at a later task, or edits gradients or weights around the optimizer step, says so here
+        (the CLI stops with this line; `TaskSwitch` also stops a run whose trainable parameters change)."""
+        return None
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimizer of the current task updates."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    def trained_names(self) -> set[str]:
+        """Names of what `trainable_parameters()` gives the optimizer now (parameters or groups of them)."""
+        names = {id(p): n for n, p in self.named_parameters()}
+        out: set[str] = set()
+        for item in self.trainable_parameters():
+            for p in item["params"] if isinstance(item, dict) else [item]:
+                out.add(names.get(id(p), f"<unnamed {tuple(p.shape)}>"))
+        return out
 
     def require_find_unused_parameters(self, reason: str) -> None:
         """Under multi-process DDP, refuses a strategy that expects a gradient for every parameter; `reason`

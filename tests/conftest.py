@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cli.main import QUIET
+from tests.helpers import check_deepspeed_claim
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,6 +46,8 @@ def run_fit():
     from cli.main import LifelongCLI
 
     def run(experiment: str, root: Path, *extra: str):
-        return LifelongCLI(args=fit_args(experiment, root, *extra))
+        cli = LifelongCLI(args=fit_args(experiment, root, *extra))
+        check_deepspeed_claim(cli.trainer, cli.model)
+        return cli
 
     return run

@@ -124,6 +124,19 @@ class RecordTaskEnds(ContinualCallback):
         self._pending = None
 
 
+def check_deepspeed_claim(trainer, module) -> None:
+    """A fit's check of its method's DeepSpeed claim: a method whose `deepspeed_unsupported()` gives no reason
+    must give the optimizer the same parameters in every task (DeepSpeed keeps the first task's optimizer)."""
+    from callbacks import TaskSwitch
+
+    switch = next((c for c in trainer.callbacks if isinstance(c, TaskSwitch)), None)
+    if switch is not None and module.deepspeed_unsupported() is None:
+        assert not switch.trainable_changes, (
+            f"{type(module).__name__} trains other parameters at task(s) {switch.trainable_changes} but its "
+            "deepspeed_unsupported() gives no reason"
+        )
+
+
 class RecordRemovalRun(ContinualCallback):
     """For an object-removal run, per rank: the module's delta (what it learns) when training starts and at the end
     of fit, the (task, index) of every evaluation item this rank scored, and the datamodule's accepted count per
@@ -154,6 +167,7 @@ class RecordRemovalRun(ContinualCallback):
         import json
 
         self._save_delta(trainer, pl_module, "end")
+        check_deepspeed_claim(trainer, pl_module)
         dm = trainer.datamodule
         accepted = [dm.accepted_count(k) for k in range(dm.num_tasks)] if hasattr(dm, "accepted_count") else []
         with open(os.path.join(self.out_dir, f"run_rank{trainer.global_rank}.json"), "w") as f:

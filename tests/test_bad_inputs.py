@@ -774,6 +774,11 @@ CASES = [
         ("trainer.strategy deepspeed_stage_2", "CUDA GPUs only", "ddp"),
     ),
     Case(
+        "DeepSpeed for a method that trains other parameters at a later task",
+        lambda f: fit_args(R2MOE, f / "run", "-c", config("trainer/deepspeed_zero2.yaml")),
+        ("trainer.strategy deepspeed_stage_2", "R2MoE trains a new expert and router", "ddp"),
+    ),
+    Case(
         "unknown zoom-out canvas",
         lambda f: fit_args(R2MOE, f / "run", "--data.init_args.canvas=white"),
         ("canvas", "grey", "black"),

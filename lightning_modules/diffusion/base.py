@@ -279,6 +279,9 @@ class ConceptDiffusionModule(TextToImageModule):
         task's): here the concept's token row; methods with experts add theirs."""
         return [self.concept_tokens.rows[task_id]] if self.train_tokens else []
 
+    def deepspeed_unsupported(self) -> str | None:
+        return "each concept trains its own token row (model.init_args.train_tokens)" if self.train_tokens else None
+
     def trainable_parameters(self) -> list[dict[str, Any]]:
         """Optimizer groups of the current task (each group may carry its own lr / weight decay)."""
         t = self.current_task

@@ -103,6 +103,9 @@ class R2MoE(ConceptDiffusionModule):
     def task_parameters(self, task_id: int) -> list[nn.Parameter]:
         return super().task_parameters(task_id) + self.experts.task_parameters(task_id)
 
+    def deepspeed_unsupported(self) -> str | None:
+        return "R2MoE trains a new expert and router at each concept"
+
     def trainable_parameters(self) -> list[dict[str, Any]]:
         t, wd = self.current_task, self.weight_decay
         groups = [

@@ -143,6 +143,9 @@ class RewardTuningModule(TextToImageModule):
             self.require_find_unused_parameters("a LoRA group trains the current reward's adapter only")
 
     # -- what belongs to whom -----------------------------------------------------------------
+    def deepspeed_unsupported(self) -> str | None:
+        return f"{type(self).__name__} trains a new LoRA adapter at each reward" if self.ADAPTER_PER_TASK else None
+
     def adapter_of(self, task_id: int) -> str:
         return self.adapter_names[task_id if self.ADAPTER_PER_TASK else 0]
 

@@ -402,6 +402,10 @@ class RemovalStages(ConsistencyDistillation, PreferenceOptimisation, PolicyGradi
         return (not lora and "rorem" in self.stages) or (lora and any(f".{a}." in name for a in self.adapters))
 
     # -- training ---------------------------------------------------------------------------------------
+    def deepspeed_unsupported(self) -> str | None:
+        trained = {ADAPTERS.get(s, s) for s in self.stages}  # dpo and ppo train the same policy adapter
+        return f"the stages {self.stages} train different parameters" if len(trained) > 1 else None
+
     def trainable_parameters(self) -> list[dict[str, Any]]:
         """The current stage's parameters (and only those require grad): the UNet's own weights (rorem), D_phi's
         LoRA and head (discriminator), the lcm adapter (lcm) or the policy adapter (dpo, ppo)."""

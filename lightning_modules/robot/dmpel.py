@@ -163,6 +163,9 @@ class DMPEL(RobotImitationModule):
         """Expert `task_id` in every wrapped layer and router `task_id`."""
         return self.library.expert_parameters(task_id) + list(self.routers[task_id].parameters())
 
+    def deepspeed_unsupported(self) -> str | None:
+        return "DMPEL trains a new expert and router at each task"
+
     def trainable_parameters(self) -> list[dict[str, Any]]:
         t = self.current_task
         return [

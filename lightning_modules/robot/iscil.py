@@ -228,6 +228,9 @@ class IsCiL(RobotImitationModule):
     def task_parameters(self, task_id: int) -> list[nn.Parameter]:
         return self.slot_parameters(task_id)
 
+    def deepspeed_unsupported(self) -> str | None:
+        return "IsCiL trains a new slot at each task"
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.slot_parameters(self.current_task)
 

@@ -93,6 +93,9 @@ class PackNet(RobotImitationModule):
         params = dict(self.policy.named_parameters())
         return [(params[n], self.owners.get_buffer(f"m{i}")) for i, n in enumerate(self.masked_names)]
 
+    def deepspeed_unsupported(self) -> str | None:
+        return "PackNet masks gradients and restores frozen weights around each step, which ZeRO bypasses"
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = dict(self.policy.named_parameters())
         unmasked = self.unmasked_params == "always" or self.current_task == 0

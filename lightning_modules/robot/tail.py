@@ -91,6 +91,9 @@ class TAIL(RobotImitationModule):
     def current_adapter(self) -> str:
         return self.adapter_names[self.current_task if self.variant == "task_id" else 0]
 
+    def deepspeed_unsupported(self) -> str | None:
+        return "TAIL (variant task_id) trains a new adapter at each task" if self.variant == "task_id" else None
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.adapter_parameters(self.current_adapter) + self.part_parameters()
 

@@ -26,6 +26,7 @@ from lightning_modules.robot import ewc as ewc_module
 from lightning_modules.robot.base import end_of_task_seed
 from lightning_modules.robot.ewc import ewc_penalty, minibatch_fisher
 from lightning_modules.robot.packnet import prune_smallest
+from tests.helpers import check_deepspeed_claim
 
 SHAPES = (("ee_states", (3,)), ("gripper_states", (1,)))
 WINDOW, WINDOWS, BATCH, STEPS = 3, 20, 4, 3
@@ -144,6 +145,7 @@ def fit(module, *callbacks) -> FakeRobotData:
     )
     data = FakeRobotData()
     trainer.fit(module, datamodule=data)
+    check_deepspeed_claim(trainer, module)
     return data
 
 

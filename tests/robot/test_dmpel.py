@@ -26,6 +26,7 @@ from lightning_modules.nn.robot.experts import ExpertPool, MoELoRALinear
 from lightning_modules.nn.robot.policy import PolicyConfig
 from lightning_modules.nn.robot.router import CoefficientRouter
 from lightning_modules.robot.dmpel import DMPEL
+from tests.helpers import check_deepspeed_claim
 
 LOWDIM = (("ee_states", (3,)), ("gripper_states", (1,)), ("object_states", (14,)), ("goal_states", (3,)))
 WINDOW, ACTION = 4, 4
@@ -362,6 +363,7 @@ def test_training_task_one_leaves_expert_zero_and_router_zero_bit_identical():
         enable_model_summary=False,
     )
     trainer.fit(m, datamodule=dm)
+    check_deepspeed_claim(trainer, m)
     after = m.state_dict()
     expert0 = [k for k in after if k.endswith((".A.0", ".B.0"))]
     expert1 = [k for k in after if k.endswith((".A.1", ".B.1"))]

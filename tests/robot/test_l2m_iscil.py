@@ -22,6 +22,7 @@ from cli.errors import ConfigError
 from lightning_modules.nn.robot.policy import PolicyConfig
 from lightning_modules.robot.iscil import IsCiL, SlotLinear, kmeans
 from lightning_modules.robot.l2m import L2M
+from tests.helpers import check_deepspeed_claim
 from tests.robot.test_dmpel import ACTION, LOWDIM, WINDOW, RandomWindows, Windows, batch_of, fit_two_ranks, make_stream
 
 CONFIG = dict(embed_size=32, num_layers=2, num_heads=2, mlp_dim=64, film_hidden=32, gmm_hidden=32)
@@ -49,6 +50,7 @@ def fit(module, snapshot: ContinualCallback | None = None, steps: int = 3) -> Ra
         enable_model_summary=False,
     )
     trainer.fit(module, datamodule=dm)
+    check_deepspeed_claim(trainer, module)
     return dm
 
 

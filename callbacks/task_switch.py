@@ -67,7 +67,8 @@ class TaskSwitch(L.Callback):
         self.rebuild_pending = False
         #: whether the epoch that just ended was a task's last (the checkpoint callback reads it)
         self.ended_task_this_epoch = False
-        #: names of the parameters the optimizer got in the last task started in this process
+        #: names of the parameters the optimizer got in the last task started in this process (rebuilt, or
+        #: DeepSpeed's kept one; not recorded when `rebuild_optimizer` is false under other strategies)
         self.trainable: set[str] | None = None
         #: tasks at whose start the trainable parameters differed from the previous task's (this process)
         self.trainable_changes: list[int] = []
@@ -119,18 +120,20 @@ class TaskSwitch(L.Callback):
         if not self.rebuild_pending:
             return
         self.rebuild_pending = False
-        self._note_trainable(trainer, pl_module)
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            self._note_trainable(trainer, pl_module, pl_module.trained_names())
+            if self.rebuild_optimizer:
+                rank_zero_warn("DeepSpeed owns its optimizer: it is kept across tasks (its state is not reset).")
+            return
         if not self.rebuild_optimizer:
             return
-        if isinstance(trainer.strategy, DeepSpeedStrategy):
-            rank_zero_warn("DeepSpeed owns its optimizer: it is kept across tasks (its state is not reset).")
-            return
         trainer.strategy.setup_optimizers(trainer)
+        groups = [g for optimizer in trainer.optimizers for g in optimizer.param_groups]
+        self._note_trainable(trainer, pl_module, pl_module.trained_names(groups))
 
-    def _note_trainable(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Records which parameters train in the task that starts now; under DeepSpeed, whose one optimizer
-        was built over the first task's, a change stops the run before it trains the wrong ones."""
-        now = pl_module.trained_names()
+    def _note_trainable(self, trainer: L.Trainer, pl_module: L.LightningModule, now: set[str]) -> None:
+        """Records `now`, the parameters that train in the task that starts now; under DeepSpeed, whose one
+        optimizer was built over the first task's, a change stops the run before it trains the wrong ones."""
         if self.trainable is not None and now != self.trainable:
             self.trainable_changes.append(self.task)
             if isinstance(trainer.strategy, DeepSpeedStrategy):

@@ -74,11 +74,12 @@ class ContinualModule(L.LightningModule):
         """The parameters the optimizer of the current task updates."""
         return [p for p in self.parameters() if p.requires_grad]
 
-    def trained_names(self) -> set[str]:
-        """Names of what `trainable_parameters()` gives the optimizer now (parameters or groups of them)."""
+    def trained_names(self, groups: list | None = None) -> set[str]:
+        """Names of the parameters in `groups` (parameters or optimizer groups of them); by default of what
+        `trainable_parameters()` would give the optimizer now."""
         names = {id(p): n for n, p in self.named_parameters()}
         out: set[str] = set()
-        for item in self.trainable_parameters():
+        for item in self.trainable_parameters() if groups is None else groups:
             for p in item["params"] if isinstance(item, dict) else [item]:
                 out.add(names.get(id(p), f"<unnamed {tuple(p.shape)}>"))
         return out

@@ -36,7 +36,7 @@ def start_tasks(switch: TaskSwitch, module: TwoLayers, strategy) -> None:
     for t in range(2):
         switch.task = t
         module.on_task_start(t)
-        switch._note_trainable(trainer, module)
+        switch._note_trainable(trainer, module, module.trained_names())
 
 
 def test_trained_names_follow_the_optimizer_groups():
@@ -44,6 +44,8 @@ def test_trained_names_follow_the_optimizer_groups():
     assert module.trained_names() == {"a.weight", "a.bias"}
     module.on_task_start(1)
     assert module.trained_names() == {"b.weight", "b.bias"}
+    optimizer = torch.optim.SGD([{"params": list(module.a.parameters())}, {"params": [module.b.bias]}], lr=0.1)
+    assert module.trained_names(optimizer.param_groups) == {"a.weight", "a.bias", "b.bias"}
 
 
 def test_task_switch_records_a_change_of_trained_parameters_and_deepspeed_stops_there():

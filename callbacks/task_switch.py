@@ -28,6 +28,22 @@ from callbacks.base import ContinualCallback
 from cli.errors import ConfigError
 from cli.runtime import run_seed, seed_torch, step_seed
 
+#: the strategies every method runs under, on CPUs and GPUs alike
+PORTABLE_STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true")
+
+
+def deepspeed_refusal(module: Any, strategy: str) -> str | None:
+    """The one line that refuses `strategy` (a DeepSpeed one) for `module`, or None when the module's
+    `deepspeed_unsupported()` names no reason: DeepSpeed keeps the first task's optimizer for the stream."""
+    reason = module.deepspeed_unsupported() if hasattr(module, "deepspeed_unsupported") else None
+    if not reason:
+        return None
+    return (
+        f"trainer.strategy {strategy}: {reason}, and DeepSpeed keeps one optimizer for the whole stream; "
+        f"use {', '.join(PORTABLE_STRATEGIES)}"
+    )
+
+
 #: mixed into the boundary's seed so it differs from the seed of the training step at the same global step
 _BOUNDARY_SEED = 0x5EED
 
@@ -89,6 +105,13 @@ class TaskSwitch(L.Callback):
 
         if not isinstance(pl_module, ContinualModule):
             raise ConfigError("model: the task-switch callback needs a ContinualModule (lightning_modules.*)")
+        # The CLI refuses DeepSpeed given by name before building anything; this covers every other way in
+        # (a `class_path` DeepSpeedStrategy, a Trainer built in Python), and methods that change no parameter
+        # but would still go wrong under it (PackNet's gradient masks), which the runtime check cannot see.
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            line = deepspeed_refusal(pl_module, "deepspeed")
+            if line:
+                raise ConfigError(line)
         dm = self._stream(trainer)
         if self.stop_after_task is not None and self.stop_after_task > dm.num_tasks:
             raise ConfigError(

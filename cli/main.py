@@ -29,6 +29,7 @@ import lightning_modules  # noqa: F401  (registers the methods)
 from callbacks import ContinualMetrics, ExpertFreezing, TaskSwitch  # also registers them for short class names
 from callbacks.checkpoint import LAST, ContinualCheckpoint
 from callbacks.progress import RichProgressBar
+from callbacks.task_switch import PORTABLE_STRATEGIES, deepspeed_refusal
 from callbacks.throughput import Throughput
 from cli.errors import ConfigError
 from cli.files import check_output_folder, load_torch_file
@@ -75,9 +76,8 @@ RESUME_FREE = (
 )
 
 
-#: strategies Lightning runs on CUDA GPUs only, and the ones every family runs anywhere (gloo on CPU)
+#: strategies Lightning runs on CUDA GPUs only (PORTABLE_STRATEGIES: the ones every family runs anywhere)
 GPU_STRATEGIES = ("deepspeed", "fsdp")
-PORTABLE_STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true")
 
 
 #: settings that shape training but not the scores of a trained model (free in `test` / `validate`)
@@ -277,12 +277,9 @@ class LifelongCLI(LightningCLI):
         strategy = config.get("strategy")
         model = getattr(self, "model", None)
         if isinstance(strategy, str) and strategy.startswith("deepspeed") and isinstance(model, ContinualModule):
-            reason = model.deepspeed_unsupported()
-            if reason:
-                raise ConfigError(
-                    f"trainer.strategy {strategy}: {reason}, and DeepSpeed keeps one optimizer for the whole "
-                    f"stream; use {', '.join(PORTABLE_STRATEGIES)}"
-                )
+            line = deepspeed_refusal(model, strategy)  # before the trainer: DeepSpeed's own checks need CUDA
+            if line:
+                raise ConfigError(line)
         try:
             return super()._instantiate_trainer(config, extra_callbacks)
         except (MisconfigurationException, ValueError, TypeError) as err:  # Lightning checks the trainer's settings

@@ -62,6 +62,28 @@ def test_task_switch_records_a_change_of_trained_parameters_and_deepspeed_stops_
     assert "trainer.strategy deepspeed" in line and "TwoLayers" in line and "task 1" in line and "ddp" in line
 
 
+class Masked(TwoLayers):
+    """Changes no parameter between tasks but says DeepSpeed breaks it (as PackNet's gradient masks do)."""
+
+    def deepspeed_unsupported(self) -> str | None:
+        return "Masked zeroes gradients by task"
+
+
+def test_task_switch_refuses_deepspeed_however_it_was_given():
+    """A DeepSpeedStrategy built outside the CLI (a class_path, a Trainer in Python) is refused at setup with
+    the module's reason, also for a method the parameter record cannot catch; other modules pass this check."""
+    deepspeed = object.__new__(DeepSpeedStrategy)
+    trainer = SimpleNamespace(strategy=deepspeed, datamodule=None)
+    with pytest.raises(ConfigError) as err:
+        TaskSwitch().setup(trainer, Masked(same=True), "fit")
+    line = str(err.value)
+    assert line.startswith("trainer.strategy deepspeed: Masked zeroes gradients by task") and "ddp" in line
+    with pytest.raises(ConfigError, match="ContinualDataModule"):  # past the DeepSpeed check, at the data's
+        TaskSwitch().setup(trainer, TwoLayers(same=True), "fit")
+    with pytest.raises(ConfigError, match="ContinualDataModule"):
+        TaskSwitch().setup(SimpleNamespace(strategy=DDPStrategy(), datamodule=None), Masked(same=True), "fit")
+
+
 @pytest.mark.parametrize(
     ("experiment", "names"),
     [

@@ -123,7 +123,7 @@ class RemovalStages(ConsistencyDistillation, PreferenceOptimisation, PolicyGradi
             optimizer,
             lr_scheduler,
         )
-        self.parts.unet.requires_grad_(False)  # what trains is chosen per stage (`trainable_parameters`)
+        self.parts.unet.requires_grad_(False)  # what trains is chosen per stage (`_train_stage`)
         self.rorem_lr = rorem_lr
         initial = self._read_init(init_from)
         if self.scorer is None and ("discriminator" in self.stages or any(k.startswith("scorer.") for k in initial)):
@@ -407,14 +407,25 @@ class RemovalStages(ConsistencyDistillation, PreferenceOptimisation, PolicyGradi
         return f"the stages {self.stages} train different parameters" if len(trained) > 1 else None
 
     def trainable_parameters(self) -> list[dict[str, Any]]:
-        """The current stage's parameters (and only those require grad): the UNet's own weights (rorem), D_phi's
-        LoRA and head (discriminator), the lcm adapter (lcm) or the policy adapter (dpo, ppo)."""
-        return [self._train_stage(self.stage)]
+        """The current stage's parameters as one optimizer group: the UNet's own weights (rorem), D_phi's LoRA
+        and head (discriminator), the lcm adapter (lcm) or the policy adapter (dpo, ppo). A query only: the
+        stage's requires-grad flags and sampler are set when its task starts (`on_task_start`)."""
+        return [self._stage_group(self.stage)]
 
-    def _train_stage(self, stage: str) -> dict[str, Any]:
-        """Marks `stage`'s parameters, and only those, as requiring grad; returns their optimizer group."""
+    def on_task_start(self, task_id: int) -> None:
+        super().on_task_start(task_id)
+        self._train_stage(self.stage)
+
+    def _train_stage(self, stage: str) -> None:
+        """Marks `stage`'s parameters, and only those, as requiring grad, and switches to its sampler."""
         for p in self.parameters():
             p.requires_grad_(False)
+        for p in self._stage_group(stage)["params"]:
+            p.requires_grad_(True)
+        self.use(sampler_of(stage))
+
+    def _stage_group(self, stage: str) -> dict[str, Any]:
+        """`stage`'s optimizer group (its parameters, and its learning rate where it has its own)."""
         if stage == "rorem":
             params = [p for n, p in self.parts.unet.named_parameters() if "lora_" not in n]
             group = {"params": params} if self.rorem_lr is None else {"params": params, "lr": self.rorem_lr}
@@ -423,9 +434,6 @@ class RemovalStages(ConsistencyDistillation, PreferenceOptimisation, PolicyGradi
         else:
             settings = {"lcm": self.lcm, "dpo": self.dpo, "ppo": self.ppo}[stage]
             group = {"params": list(self.adapter_parameters(ADAPTERS[stage]).values()), "lr": settings.lr}
-        for p in group["params"]:
-            p.requires_grad_(True)
-        self.use(sampler_of(stage))
         return group
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

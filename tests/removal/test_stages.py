@@ -165,9 +165,12 @@ def stages():
 
 def test_the_reference_stays_bit_identical_while_dpo_trains_the_policy_adapter_alone(stages):
     model, batch = stages
-    model.current_task = 2
+    model.on_task_start(2)  # the stage's flags and sampler are set as its task starts
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
     (group,) = model.trainable_parameters()
     policy = model.adapter_parameters("policy")
+    assert {n for n, on in flags.items() if on} == set(policy)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags  # the query changed nothing
     assert {id(p) for p in group["params"]} == {id(p) for p in policy.values()} and group["lr"] == model.dpo.lr
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n not in policy}
     before = {n: p.detach().clone() for n, p in policy.items()}
@@ -191,7 +194,7 @@ def test_the_reference_stays_bit_identical_while_dpo_trains_the_policy_adapter_a
 
 def test_the_lcm_step_trains_the_student_adapter_alone_and_the_ema_target_is_swapped_in_and_out(stages):
     model, batch = stages
-    model.current_task = 1
+    model.on_task_start(1)
     (group,) = model.trainable_parameters()
     student = model.adapter_parameters("lcm")
     assert {id(p) for p in group["params"]} == {id(p) for p in student.values()}
@@ -218,8 +221,7 @@ def test_the_lcm_step_trains_the_student_adapter_alone_and_the_ema_target_is_swa
 
 def test_the_ppo_ratio_is_exactly_one_before_the_first_update(stages):
     model, batch = stages
-    model.current_task = 3
-    model.trainable_parameters()
+    model.on_task_start(3)
     cond = model.conditioning(batch, repeat=2)
     latents, old, _ = model.sample_trajectories(cond)
     scheduler = model.ddim()

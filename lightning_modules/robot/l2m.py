@@ -49,7 +49,9 @@ class L2M(RobotImitationModule):
     """Args (the spec's values as defaults):
     pool_size: LoRA experts in the pool (30), all allocated and trained from task 0.
     rank / alpha: LoRA rank and scale numerator of every expert (8 / 8).
-    groups: the policy's layer groups that get experts (`img` is skipped without a CLIP tower).
+    groups: the policy's layer groups that get experts (`img` is skipped without a CLIP tower). The reference's
+        (img, tem) adapt attention q/v only; on a state-only policy that is too little to learn a task (CW3's
+        window-close alone: 0% after 6 epochs, 95% with every group), so the CW tables add an all-groups row.
     pull_weight: weight of the key-query pull term (0.5).
     count_penalty_steps: training forward passes during which usage counts spread the selection (50,000).
     """

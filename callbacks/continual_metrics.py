@@ -20,7 +20,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from statistics import mean
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -200,6 +200,10 @@ class ContinualMetrics(ContinualCallback):
         comparable across tasks whose scores have different scales (the reward family's rewards).
     keep_best: with `curve_every`, end each task with the weights of its best curve point (strictly
         greater wins, so the earliest best is kept), put back before the module's `on_task_end`.
+    curve_on: the items the curve points score: `eval` (default; LIBERO's loop, which keeps the best point
+        on the same episodes it reports, so a task's entry leans high with few rollouts) or `held_out`
+        (the datamodule's `held_out_dataset`, e.g. other rollout episodes: the choice of the kept point and
+        the curves, hence FWT and AUC, no longer see the episodes the matrix reports).
         What is kept is `pl_module.state_to_keep()` if the module defines it (a dict of tensors keyed
         by their `state_dict()` names), else every parameter that requires grad; copied to CPU.
     task_start_fwt: also take Mammoth's FWT (`fwt_mammoth` in each metric's summary, `task_start_transfer`):
@@ -217,7 +221,12 @@ class ContinualMetrics(ContinualCallback):
         keep_best: bool = False,
         normalise: list[str] | None = None,
         task_start_fwt: bool | None = None,
+        curve_on: Literal["eval", "held_out"] = "eval",
     ):
+        if curve_on not in ("eval", "held_out"):
+            raise ConfigError(f"continual_metrics.curve_on must be eval or held_out, got {curve_on!r}")
+        if curve_on == "held_out" and curve_every is None:
+            raise ConfigError("continual_metrics.curve_on: held_out needs continual_metrics.curve_every (e.g. 2)")
         if curve_every is not None and curve_every < 1:
             raise ConfigError(
                 f"continual_metrics.curve_every must be at least 1 (or null to turn curves off), got {curve_every}"
@@ -229,6 +238,7 @@ class ContinualMetrics(ContinualCallback):
         self.print_tables = print_tables
         self.curve_every = curve_every
         self.keep_best = keep_best
+        self.curve_on = curve_on
         self.normalise = list(normalise or [])
         self.task_start_fwt = task_start_fwt
         #: Mammoth's FWT points: {metric: [score on task i before / after its start, None if not taken]}
@@ -328,7 +338,7 @@ class ContinualMetrics(ContinualCallback):
             self.best = None
 
     def _curve_point(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int, epoch: int) -> None:
-        scores = self.evaluate(trainer, pl_module, tasks=[task])
+        scores = self.evaluate(trainer, pl_module, tasks=[task], held_out=self.curve_on == "held_out")
         if not scores:  # the task has no evaluation item on any rank: no point
             return
         name = next(iter(scores))  # the primary metric
@@ -341,17 +351,21 @@ class ContinualMetrics(ContinualCallback):
             trainer.logger.log_metrics({f"curve/{name}/task_{task}": score}, step=step)
 
     def evaluate(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, tasks: Sequence[int] | None = None
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        tasks: Sequence[int] | None = None,
+        held_out: bool = False,
     ) -> dict[str, list[float | None]]:
-        """Scores of the module on each task's evaluation set: {metric: [score per task]}; with `tasks`,
-        only those are scored and the others are None. All ranks call it."""
+        """Scores of the module on each task's evaluation set (`held_out`: its held-out items): {metric:
+        [score per task]}; with `tasks`, only those are scored and the others are None. All ranks call it."""
         dm = trainer.datamodule
         chosen = set(range(dm.num_tasks) if tasks is None else tasks)
         metrics: dict[str, PerTaskMean] = {}
         was_training = pl_module.training
         pl_module.eval()
         with torch.no_grad(), trainer.precision_plugin.forward_context():
-            for j, loader in enumerate(dm.eval_dataloaders()):
+            for j, loader in enumerate(dm.eval_dataloaders(held_out=held_out)):
                 if j not in chosen:
                     continue
                 for batch in loader:

@@ -238,6 +238,12 @@ class ContinualDataModule(L.LightningDataModule):
     def eval_dataset(self, task_id: int) -> Dataset:
         raise NotImplementedError
 
+    def held_out_dataset(self, task_id: int) -> Dataset | None:
+        """Evaluation items of task `task_id` disjoint from `eval_dataset`'s, to choose among a task's curve
+        points without looking at what the matrix reports (`continual_metrics.curve_on: held_out`); None
+        where the data has none."""
+        return None
+
     def set_task(self, task_id: int) -> None:
         if not 0 <= task_id < self.num_tasks:
             raise ConfigError(f"task {task_id} does not exist: this stream has tasks 0..{self.num_tasks - 1}")
@@ -288,12 +294,17 @@ class ContinualDataModule(L.LightningDataModule):
             "epoch_done": loop.epoch_progress.current.processed > loop.epoch_progress.current.completed,
         }
 
-    def eval_dataloaders(self) -> list[DataLoader]:
-        """One loader per task, sharded over ranks without padding."""
+    def eval_dataloaders(self, held_out: bool = False) -> list[DataLoader]:
+        """One loader per task, sharded over ranks without padding; `held_out`: of `held_out_dataset`."""
         rank, world = self._world()
         loaders = []
         for j in range(self.num_tasks):
-            ds = self.eval_dataset(j)
+            ds = self.held_out_dataset(j) if held_out else self.eval_dataset(j)
+            if ds is None:
+                raise ConfigError(
+                    f"continual_metrics.curve_on: held_out needs evaluation items apart from the reported ones, "
+                    f"which {type(self).__name__} does not have; use curve_on: eval"
+                )
             loaders.append(
                 DataLoader(
                     ds,

@@ -25,7 +25,7 @@ from cli.errors import ConfigError
 from datamodules.base import ContinualDataModule, TensorDictDataset
 from datamodules.robot.augment import CameraAugment
 from datamodules.robot.demos import DemoSettings, file_status, make_task_demos, stale_reason
-from datamodules.robot.envs import ACTION_DIM, METAWORLD_LOWDIM
+from datamodules.robot.envs import ACTION_DIM, METAWORLD_LOWDIM, METAWORLD_NUM_INITS
 from datamodules.robot.hdf5 import DemoWindows, read_info
 from datamodules.robot.stream import EnvSpec, RobotTaskStream, is_image_key
 from datamodules.robot.suites import CAMERA_KEYS, LOWDIM_KEYS, resolve_suite
@@ -33,6 +33,8 @@ from datamodules.robot.suites import CAMERA_KEYS, LOWDIM_KEYS, resolve_suite
 #: per-suite defaults: steps per evaluation episode (and most steps per demonstration), settling steps
 HORIZON = {"metaworld": 150, "libero": 600}  # Meta-World: the scripted experts need ~100 steps
 SETTLE_STEPS = {"metaworld": 0, "libero": 5}
+#: distinct initial states per task (Meta-World's MT1 draws 50; LIBERO's init-state files hold 50)
+HELD_OUT_LIMIT = METAWORLD_NUM_INITS
 
 
 def default_cache() -> Path:
@@ -267,3 +269,13 @@ class RobotDataModule(ContinualDataModule):
     def eval_dataset(self, task_id: int) -> Dataset:
         """The episode numbers the rollout evaluation plays for task `task_id`."""
         return TensorDictDataset(episode=torch.arange(self.eval_episodes))
+
+    def held_out_dataset(self, task_id: int) -> Dataset:
+        """As many other episodes (numbers eval_episodes..2 eval_episodes-1: other initial states), for
+        choosing a task's best curve point apart from the episodes the matrix reports."""
+        if 2 * self.eval_episodes > HELD_OUT_LIMIT:
+            raise ConfigError(
+                f"data.eval_episodes={self.eval_episodes}: held-out curve episodes need 2 x eval_episodes <= "
+                f"{HELD_OUT_LIMIT} distinct initial states; lower it or use continual_metrics.curve_on: eval"
+            )
+        return TensorDictDataset(episode=torch.arange(self.eval_episodes, 2 * self.eval_episodes))

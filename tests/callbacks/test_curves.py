@@ -63,6 +63,10 @@ def test_options_are_checked():
         ContinualMetrics(keep_best=True)
     with pytest.raises(ConfigError, match="curve_every must be at least 1"):
         ContinualMetrics(curve_every=0)
+    with pytest.raises(ConfigError, match="curve_on: held_out needs continual_metrics.curve_every"):
+        ContinualMetrics(curve_on="held_out")
+    with pytest.raises(ConfigError, match="curve_on must be eval or held_out"):
+        ContinualMetrics(curve_every=2, curve_on="test")
 
 
 class _WithKeep(nn.Module):
@@ -102,6 +106,11 @@ SCRIPT = [
     [0, 1, 4, 0, 4],  # curve at 0, 2, 4 epochs: 0, 80, 80 -> the earliest best (2 epochs) is kept
     [1, 0, 3, 0, 2],  # 20, 60, 40 -> best after 2 epochs
 ]
+#: the same on the held-out episodes (numbers EPISODES..2 EPISODES-1), where the best points come later
+HELD_SCRIPT = [
+    [0, 1, 2, 0, 3],  # 0, 40, 60 -> best after 4 epochs
+    [1, 0, 2, 0, 4],  # 20, 40, 80 -> best after 4 epochs
+]
 
 
 class ScriptedEpisodes(ContinualDataModule):
@@ -116,6 +125,14 @@ class ScriptedEpisodes(ContinualDataModule):
 
     def eval_dataset(self, task_id: int) -> TensorDictDataset:
         return TensorDictDataset(episode=torch.arange(EPISODES))
+
+    def held_out_dataset(self, task_id: int) -> TensorDictDataset:
+        return TensorDictDataset(episode=torch.arange(EPISODES, 2 * EPISODES))
+
+
+class WithoutHeldOut(ScriptedEpisodes):
+    def held_out_dataset(self, task_id: int) -> None:
+        return None
 
 
 class ScriptedPolicy(ContinualModule):
@@ -136,8 +153,10 @@ class ScriptedPolicy(ContinualModule):
 
     def eval_step(self, batch: dict[str, Tensor], task_id: int) -> dict[str, Tensor]:
         w = [int(round(float(p))) for p in self.progress]
-        successes = SCRIPT[task_id][w[task_id]] - int(any(v > 0 for v in w[task_id + 1 :]))
-        return {"success_rate": (batch["episode"] < successes).float()}
+        held = batch["episode"] >= EPISODES
+        script = HELD_SCRIPT if bool(held.all()) else SCRIPT
+        successes = script[task_id][w[task_id]] - int(any(v > 0 for v in w[task_id + 1 :]))
+        return {"success_rate": (batch["episode"] - EPISODES * held < successes).float()}
 
     def on_task_end(self, task_id: int) -> None:
         self.seen_at_task_end[task_id] = self.progress.tolist()
@@ -210,6 +229,26 @@ def test_curves_best_weights_and_libero_summary_end_to_end(uninterrupted, capsys
     metrics.print_report("scripted")
     printed = capsys.readouterr().out
     assert "nbt" in printed and "auc" in printed and "epoch 4" in printed and "T2: push" in printed
+
+
+def test_held_out_curves_choose_the_kept_weights_apart_from_the_reported_episodes(tmp_path):
+    cli = _fit(tmp_path, "--continual_metrics.curve_on", "held_out")
+    (report,) = read_reports(tmp_path)
+    assert report["curves"] == {"reach": [[0, 0.0], [2, 40.0], [4, 60.0]], "push": [[0, 20.0], [2, 40.0], [4, 80.0]]}
+    assert cli.model.seen_at_task_end == {0: [4.0, 0.0], 1: [4.0, 4.0]}  # the held-out bests: the last points
+    # the matrix is still scored on the reported episodes: SCRIPT at 4 epochs (push 40, not 60 as with eval)
+    assert report["matrix"] == [pytest.approx([80.0, 20.0]), pytest.approx([60.0, 40.0])]
+    assert report["untrained"] == pytest.approx([0.0, 20.0])
+    with pytest.raises(ConfigError, match="curve_on: held_out needs evaluation items apart from the reported"):
+        _fit(
+            tmp_path / "none",
+            "--continual_metrics.curve_on",
+            "held_out",
+            "--data",
+            f"{__name__}.WithoutHeldOut",
+            "--data.init_args.batch_size",
+            "2",
+        )
 
 
 @pytest.mark.parametrize(

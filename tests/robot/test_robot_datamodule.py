@@ -111,6 +111,13 @@ def test_metaworld_loaders(metaworld_dm):
     for loader in loaders:
         batches = list(loader)
         assert len(batches) == 1 and batches[0]["episode"].tolist() == [0, 1, 2]
+    for loader in dm.eval_dataloaders(held_out=True):  # as many other initial states, for curve points
+        assert [b["episode"].tolist() for b in loader] == [[3, 4, 5]]
+    dm.eval_episodes = 26  # 52 initial states are more than a task has
+    with pytest.raises(
+        ConfigError, match=r"data.eval_episodes=26: held-out curve episodes need 2 x eval_episodes <= 50"
+    ):
+        dm.held_out_dataset(0)
 
 
 def test_default_cache_folder(monkeypatch, tmp_path):

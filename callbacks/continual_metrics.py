@@ -257,6 +257,13 @@ class ContinualMetrics(ContinualCallback):
         #: other callbacks' entries of the report (`add_to_report`), e.g. the data engine's counts per round
         self.extra: dict[str, dict[str, Any]] = {}
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Held-out curve points need data that has them: checked before anything trains."""
+        dm = trainer.datamodule
+        if stage == "fit" and self.curve_on == "held_out" and hasattr(dm, "held_out_dataset"):
+            if dm.held_out_dataset(0) is None:
+                raise ConfigError(dm.no_held_out())
+
     def add_to_report(self, section: str, entry: str, value: Any) -> None:
         """Puts `value` at `report()[section][entry]` (another callback's per-task figures, e.g. the data
         engine's); kept in checkpoints and written with the next report."""

@@ -244,6 +244,13 @@ class ContinualDataModule(L.LightningDataModule):
         where the data has none."""
         return None
 
+    def no_held_out(self) -> str:
+        """The line that refuses held-out curve points on data without `held_out_dataset`."""
+        return (
+            "continual_metrics.curve_on: held_out needs evaluation items apart from the reported ones, which "
+            f"{type(self).__name__} does not have; use curve_on: eval"
+        )
+
     def set_task(self, task_id: int) -> None:
         if not 0 <= task_id < self.num_tasks:
             raise ConfigError(f"task {task_id} does not exist: this stream has tasks 0..{self.num_tasks - 1}")
@@ -301,10 +308,7 @@ class ContinualDataModule(L.LightningDataModule):
         for j in range(self.num_tasks):
             ds = self.held_out_dataset(j) if held_out else self.eval_dataset(j)
             if ds is None:
-                raise ConfigError(
-                    f"continual_metrics.curve_on: held_out needs evaluation items apart from the reported ones, "
-                    f"which {type(self).__name__} does not have; use curve_on: eval"
-                )
+                raise ConfigError(self.no_held_out())
             loaders.append(
                 DataLoader(
                     ds,

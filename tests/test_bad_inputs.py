@@ -317,6 +317,11 @@ CASES = [
         ("continual_metrics.curve_every",),
     ),
     Case(
+        "held-out curve points on data without held-out items",
+        lambda f: fit(f, "--continual_metrics.curve_every", "1", "--continual_metrics.curve_on", "held_out"),
+        ("continual_metrics.curve_on: held_out", "SplitDigits", "use curve_on: eval"),
+    ),
+    Case(
         "step checkpoints every 0 steps",
         lambda f: fit(f, "--checkpoint.every_n_train_steps", "0"),
         ("checkpoint.every_n_train_steps",),

@@ -200,12 +200,12 @@ class ContinualMetrics(ContinualCallback):
         comparable across tasks whose scores have different scales (the reward family's rewards).
     keep_best: with `curve_every`, end each task with the weights of its best curve point (strictly
         greater wins, so the earliest best is kept), put back before the module's `on_task_end`.
+        What is kept is `pl_module.state_to_keep()` if the module defines it (a dict of tensors keyed
+        by their `state_dict()` names), else every parameter that requires grad; copied to CPU.
     curve_on: the items the curve points score: `eval` (default; LIBERO's loop, which keeps the best point
         on the same episodes it reports, so a task's entry leans high with few rollouts) or `held_out`
         (the datamodule's `held_out_dataset`, e.g. other rollout episodes: the choice of the kept point and
         the curves, hence FWT and AUC, no longer see the episodes the matrix reports).
-        What is kept is `pl_module.state_to_keep()` if the module defines it (a dict of tensors keyed
-        by their `state_dict()` names), else every parameter that requires grad; copied to CPU.
     task_start_fwt: also take Mammoth's FWT (`fwt_mammoth` in each metric's summary, `task_start_transfer`):
         at each task end the next task is scored once more under the module's `evaluating_ahead`, and at each
         task start the new task is scored after the start hooks. null (default): on where the module's
@@ -257,12 +257,14 @@ class ContinualMetrics(ContinualCallback):
         #: other callbacks' entries of the report (`add_to_report`), e.g. the data engine's counts per round
         self.extra: dict[str, dict[str, Any]] = {}
 
+    def check_data(self, dm: Any) -> None:
+        """Held-out curve points need data that has them; cheap, so `lifelong fit` asks before reading data."""
+        if self.curve_on == "held_out" and hasattr(dm, "held_out_dataset") and dm.held_out_dataset(0) is None:
+            raise ConfigError(dm.no_held_out())
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Held-out curve points need data that has them: checked before anything trains."""
-        dm = trainer.datamodule
-        if stage == "fit" and self.curve_on == "held_out" and hasattr(dm, "held_out_dataset"):
-            if dm.held_out_dataset(0) is None:
-                raise ConfigError(dm.no_held_out())
+        if stage == "fit":  # also for a Trainer built in Python
+            self.check_data(trainer.datamodule)
 
     def add_to_report(self, section: str, entry: str, value: Any) -> None:
         """Puts `value` at `report()[section][entry]` (another callback's per-task figures, e.g. the data

@@ -33,9 +33,9 @@ PORTABLE_STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true")
 
 
 def deepspeed_refusal(module: Any, strategy: str) -> str | None:
-    """The one line that refuses `strategy` (a DeepSpeed one) for `module`, or None when the module's
-    `deepspeed_unsupported()` names no reason: DeepSpeed keeps the first task's optimizer for the stream."""
-    reason = module.deepspeed_unsupported() if hasattr(module, "deepspeed_unsupported") else None
+    """The one line that refuses `strategy` (a DeepSpeed one) for `module` (a ContinualModule), or None when
+    its `deepspeed_unsupported()` names no reason: DeepSpeed keeps the first task's optimizer for the stream."""
+    reason = module.deepspeed_unsupported()
     if not reason:
         return None
     return (

@@ -242,6 +242,9 @@ class LifelongCLI(LightningCLI):
             raise
 
     def before_fit(self) -> None:
+        for cb in self.trainer.callbacks:  # settings that contradict the data, before any of it is made or read
+            if isinstance(cb, ContinualMetrics):
+                cb.check_data(self.datamodule)
         self._read_data("fit")
 
     def before_validate(self) -> None:

@@ -522,6 +522,11 @@ CASES = [
     Case("window of 0 steps", robot("--data.init_args.window=0"), ("data.window=0",)),
     Case("0 evaluation episodes", robot("--data.init_args.eval_episodes=0"), ("data.eval_episodes=0",)),
     Case(
+        "held-out curve episodes beyond the initial states",
+        robot("--data.init_args.eval_episodes=26", "--continual_metrics.curve_on=held_out"),
+        ("data.eval_episodes=26", "held-out curve episodes", "curve_on: eval"),
+    ),
+    Case(
         "garbage demonstration file",
         lambda f: robot()(f) + [f"--data.init_args.root={f / 'demos'}"],
         ("reach-v3.hdf5",),

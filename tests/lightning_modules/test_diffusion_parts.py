@@ -23,6 +23,19 @@ def test_clip_tokenizer_has_openai_clips_vocabulary():
     assert tok.convert_ids_to_tokens(42170) == "ktn"  # Custom Diffusion's initialiser token
 
 
+def test_clip_bpe_files_are_removed_when_the_process_exits():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "from lightning_modules.nn.diffusion.tokenizer import clip_bpe_files; print(clip_bpe_files()[0])"
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    vocab = Path(out.stdout.strip().splitlines()[-1])
+    assert vocab.name == "vocab.json" and vocab.parent.name.startswith("clip-bpe-")
+    assert not vocab.parent.exists()
+
+
 def test_tiny_preset_is_deterministic_and_loads_back_from_a_diffusers_folder(tmp_path):
     a, b = load_stable_diffusion("tiny"), load_stable_diffusion("tiny")
     state = a.unet.state_dict()

@@ -3,11 +3,13 @@ preset and the CLIP scorer tokenise exactly like SD's text encoder without a dow
 
 from __future__ import annotations
 
+import atexit
 import functools
 import gzip
 import importlib.util
 import json
 import os
+import shutil
 import tempfile
 
 from cli.errors import ConfigError
@@ -51,13 +53,15 @@ def _byte_unicode() -> dict[int, str]:
 
 @functools.lru_cache(maxsize=1)
 def clip_bpe_files() -> tuple[str, str]:
-    """(vocab.json, merges.txt) in the format `transformers.CLIPTokenizer` reads, written once per process."""
+    """(vocab.json, merges.txt) in the format `transformers.CLIPTokenizer` reads, written once per process into
+    a temporary folder that is removed when the process exits (1.5 MB a process, which would pile up)."""
     with gzip.open(_bpe_file(), "rt", encoding="utf-8") as f:
         merges = f.read().split("\n")[1 : NUM_MERGES + 1]
     pairs = [tuple(m.split()) for m in merges]
     chars = list(_byte_unicode().values())
     vocab = chars + [c + "</w>" for c in chars] + ["".join(p) for p in pairs] + ["<|startoftext|>", "<|endoftext|>"]
     folder = tempfile.mkdtemp(prefix="clip-bpe-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     vocab_path, merges_path = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
     with open(vocab_path, "w", encoding="utf-8") as f:
         json.dump({tok: i for i, tok in enumerate(vocab)}, f)

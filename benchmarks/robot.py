@@ -1,13 +1,16 @@
 """Result tables: the robot methods on Continual World's Meta-World sequences, CW3 or CW10, seeds 0 and 1.
 
     python benchmarks/robot.py [--suite cw3|cw10] [--seeds 0 1] [--methods sequential dmpel ...] [--jobs 2]
+                               [--rollouts 20]
 
 Runs `configs/robot/<method>_<suite>.yaml` (a variant: that config with options changed, `VARIANTS`; CW10
 with the CPU budget of `BUDGET`) through `lifelong fit` (one process per run, `--jobs` at a time, one torch
 thread each), prints a table, writes `benchmarks/out/robot_<suite>.json` and the committed
 `docs/results/metaworld_<suite>.md`: the final success on each task, FWT, NBT and AUC (LIBERO's
 definitions, from the per-task success curves), trainable parameters added per task, and wall time.
-The rollout throughput with 0, 1 and 2 worker processes comes from `benchmarks/rollout_speed.py`.
+`--rollouts N` evaluates with N rollouts per task (every curve point and the matrix) instead of the budget's,
+and keeps its own runs, JSON and table (`<suite>_<N>rollouts`). The rollout throughput with 0, 1 and 2 worker
+processes comes from `benchmarks/rollout_speed.py`.
 """
 
 from __future__ import annotations
@@ -120,14 +123,24 @@ READING = {
 }
 
 
-def run_one(method: str, seed: int, out: str, suite: str) -> None:
+def tag(suite: str, rollouts: int | None) -> str:
+    """The name of a table's runs, JSON and markdown: the suite, and the rollouts when they are not the budget's."""
+    return suite if rollouts is None else f"{suite}_{rollouts}rollouts"
+
+
+def overrides(suite: str, rollouts: int | None) -> list[str]:
+    """The options every run of a table adds to its config: the suite's budget, then the rollouts."""
+    return [*BUDGET[suite], *([f"--data.init_args.eval_episodes={rollouts}"] if rollouts is not None else [])]
+
+
+def run_one(method: str, seed: int, out: str, suite: str, rollouts: int | None) -> None:
     """One run in this process; writes its summary row as JSON to `out`."""
     import torch
 
     torch.set_num_threads(1)
     base, extra = VARIANTS.get(method, (method, []))
     config = ROOT / f"configs/robot/{base}_{suite}.yaml"
-    cli, report, wall, _ = fit_run(config, seed, extra=[*BUDGET[suite], *extra])
+    cli, report, wall, _ = fit_run(config, seed, extra=[*overrides(suite, rollouts), *extra])
     model = cli.model
     added = [model.added_parameters(t) for t in range(model.num_tasks)] if hasattr(model, "added_parameters") else []
     row = {
@@ -144,17 +157,21 @@ def run_one(method: str, seed: int, out: str, suite: str) -> None:
 def main() -> None:
     parser = table_parser(__doc__, METHODS, "", choices=list(NAMES))
     parser.add_argument("--suite", choices=list(BUDGET), default="cw3")
+    parser.add_argument("--rollouts", type=int, help="rollouts per evaluation instead of the budget's (own table)")
     opts = parser.parse_args()
-    suite = opts.suite
-    markdown = opts.markdown or str(ROOT / f"docs/results/metaworld_{suite}.md")
+    suite, rollouts = opts.suite, opts.rollouts
+    table_tag = tag(suite, rollouts)
+    markdown = opts.markdown or str(ROOT / f"docs/results/metaworld_{table_tag}.md")
     if opts.one:
-        run_one(opts.one[0], int(opts.one[1]), opts.one[2], suite)
+        run_one(opts.one[0], int(opts.one[1]), opts.one[2], suite, rollouts)
         return
 
     # Seed by seed, so an interrupted table has every method on the first seeds.
     todo = [] if opts.report else [(m, s) for s in opts.seeds for m in opts.methods]
-    folder = ROOT / f"benchmarks/out/robot_{suite}"
-    run_jobs(__file__, todo, folder, opts.jobs, extra=["--suite", suite])
+    folder = ROOT / f"benchmarks/out/robot_{table_tag}"
+    run_jobs(
+        __file__, todo, folder, opts.jobs, extra=["--suite", suite, *(["--rollouts", str(rollouts)] * bool(rollouts))]
+    )
 
     # The table covers every method with results for all seeds (earlier runs included), in METHODS order.
     done = [m for m in NAMES if all((folder / f"{m}_seed{s}.json").exists() for s in opts.seeds)]
@@ -176,30 +193,37 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    out = Table(title=f"Meta-World {suite.upper()}, seeds {opts.seeds}: mean ± std")
+    out = Table(title=f"Meta-World {table_tag.upper()}, seeds {opts.seeds}: mean ± std")
     out.add_column("method")
     for h in header:
         out.add_column(h, justify="right")
     for name, cells in table.items():
         out.add_row(name, *cells.values())
     Console(width=180).print(out)
-    (ROOT / f"benchmarks/out/robot_{suite}.json").write_text(json.dumps({"seeds": opts.seeds, "runs": runs}, indent=2))
+    (ROOT / f"benchmarks/out/robot_{table_tag}.json").write_text(
+        json.dumps({"seeds": opts.seeds, "runs": runs}, indent=2)
+    )
 
     from datamodules.robot.suites import resolve_suite
 
     tasks = [t.removesuffix("-v3") for t in resolve_suite(suite).env_names]
-    budget = f" with `{' '.join(BUDGET[suite])}`" if BUDGET[suite] else ""
+    budget = f" with `{' '.join(overrides(suite, rollouts))}`" if overrides(suite, rollouts) else ""
     speed_path = ROOT / "benchmarks/out/rollout_speed.json"
     speed = json.loads(speed_path.read_text()) if speed_path.exists() else None
+    command = f"python benchmarks/robot.py --suite {suite}"
+    if rollouts is not None:
+        command += f" --rollouts {rollouts} --methods {' '.join(done)}"
+    if opts.seeds != [0, 1]:
+        command += f" --seeds {' '.join(map(str, opts.seeds))}"
     lines = [
-        f"# Meta-World {suite.upper()} results",
+        f"# Meta-World {suite.upper()} results" + (f", {rollouts} rollouts per evaluation" if rollouts else ""),
         "",
         f"Lifelong imitation on Continual World's {len(tasks)} tasks in order ({', '.join(tasks)}), 50",
         "scripted-expert demonstrations per task (Meta-World v3, MuJoCo), low-dimensional states, the small",
         f"foundation policy of `configs/robot/<method>_{suite}.yaml`{budget}; success rates from rollouts in",
         "the simulator after each task.",
         f"Mean ± std over seeds {', '.join(map(str, opts.seeds))}; written by",
-        f"`python benchmarks/robot.py --suite {suite}` on 2 CPU cores (two runs at a time, one thread each).",
+        f"`{command}` on 2 CPU cores (two runs at a time, one thread each).",
         "",
         "Columns: `Tj final` = success (%) on task j after the last task; FWT, NBT, AUC as LIBERO defines them",
         "(FWT from each task's success curve while it trains, NBT = average drop from a task's best success,",
@@ -210,7 +234,7 @@ def main() -> None:
         "",
     ]
     lines += markdown_table("method", header, {name: list(cells.values()) for name, cells in table.items()})
-    lines += ["", *READING[suite]]
+    lines += ["", *READING.get(table_tag, ["(No reading written for this table yet.)"])]
     if speed:
         lines += [
             "",

@@ -23,6 +23,7 @@ from statistics import mean
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchmetrics import Metric
@@ -454,9 +455,8 @@ class ContinualMetrics(ContinualCallback):
 
     def _log(self, trainer: L.Trainer, task_id: int) -> None:
         """The scalars of task `task_id`'s row and the summaries; to TensorBoard also the primary matrix as a
-        heatmap, drawn once per fit when its last task ends (the stream's, or `stop_after_task`'s): that figure
-        holds every row the earlier ones would show, and each costs ~50 ms, more than the task's training on
-        small streams."""
+        heatmap image, drawn once per fit when its last task ends (the stream's, or `stop_after_task`'s): that image
+        holds every row the earlier ones would show."""
         if trainer.logger is None:
             return
         scalars = {}
@@ -475,7 +475,8 @@ class ContinualMetrics(ContinualCallback):
         stop = None if switch is None else switch.stop_after_task
         if task_id + 1 >= len(self.task_names) or (stop is not None and task_id + 1 >= stop):
             name, mat = next(iter(self.matrix.items()))  # the primary metric
-            trainer.logger.experiment.add_figure(f"eval/{name}/matrix", heatmap(mat, name), global_step=task_id)
+            image = heatmap(mat, name)
+            trainer.logger.experiment.add_image(f"eval/{name}/matrix", image, global_step=task_id, dataformats="HWC")
 
     def print_report(self, run: str = "") -> None:
         from rich.console import Console
@@ -636,25 +637,46 @@ def curve_table(curves: Mapping[int, Curve], task_names: list[str], title: str):
     return table
 
 
-def heatmap(matrix: Matrix, name: str):
-    """The matrix as a matplotlib figure with the values written in the cells."""
-    import matplotlib
+def heatmap(matrix: Matrix, name: str) -> np.ndarray:
+    """The matrix as an RGB image (height, width, 3; uint8) for TensorBoard: a viridis cell per entry (0 up to
+    the largest value) with its value written in it, empty cells grey, rows = after training task i, columns =
+    evaluated on task j. Drawn with Pillow in about a millisecond; a matplotlib figure took ~55 ms, more than a
+    whole small stream's training."""
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw, ImageFont
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    n = len(matrix)
+    font = ImageFont.load_default(size=12)
+    cell, left, top, bottom = 40, 40, 40, 28
+    xlabel, ylabel = "evaluated on task", "after training task"
+    grid = max(n * cell, int(font.getlength(ylabel)) + 8)  # tall enough for the rotated row label
+    width = left + max(n * cell, *(int(font.getlength(text)) + 8 for text in (name, xlabel))) + 8
+    height = top + grid + bottom
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    values = [v for row in matrix for v in row if v is not None]
+    vmax = max(max(values, default=0.0), 0.0) or 1.0
+    cmap = colormaps["viridis"]
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            x, y = left + j * cell, top + i * cell
+            if v is None:
+                draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=EMPTY_CELL)
+                continue
+            rgb = tuple(round(255 * c) for c in cmap(min(max(v, 0.0) / vmax, 1.0))[:3])
+            draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=rgb)
+            ink = "black" if 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] > 128 else "white"
+            draw.text((x + cell / 2, y + cell / 2), f"{v:.0f}", fill=ink, font=font, anchor="mm")
+    for k in range(n):
+        draw.text((left + (k + 0.5) * cell, top - 4), str(k + 1), fill="black", font=font, anchor="md")
+        draw.text((left - 6, top + (k + 0.5) * cell), str(k + 1), fill="black", font=font, anchor="rm")
+    draw.text((left, 4), name, fill="black", font=font, anchor="la")
+    draw.text((left, height - 4), xlabel, fill="black", font=font, anchor="ld")
+    label = Image.new("RGB", (grid, 16), "white")
+    ImageDraw.Draw(label).text((grid - 4, 8), ylabel, fill="black", font=font, anchor="rm")
+    image.paste(label.rotate(90, expand=True), (2, top))
+    return np.asarray(image)
 
-    data = [[float("nan") if v is None else v for v in row] for row in matrix]
-    n = len(data)
-    fig, ax = plt.subplots(figsize=(1 + 0.7 * n, 1 + 0.6 * n))
-    ax.imshow(data, cmap="viridis", vmin=0)
-    for i in range(n):
-        for j in range(n):
-            if matrix[i][j] is not None:
-                ax.text(j, i, f"{matrix[i][j]:.0f}", ha="center", va="center", color="w", fontsize=8)
-    ax.set_xlabel("evaluated on task")
-    ax.set_ylabel("after training task")
-    ax.set_xticks(range(n), [str(j + 1) for j in range(n)])
-    ax.set_yticks(range(n), [str(i + 1) for i in range(n)])
-    ax.set_title(name)
-    fig.subplots_adjust(left=0.2, bottom=0.2, right=0.95, top=0.88)
-    return fig
+
+#: the colour of a matrix entry that was not scored (a task not yet evaluated)
+EMPTY_CELL = (225, 225, 225)

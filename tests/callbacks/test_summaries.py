@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from callbacks.continual_metrics import summarize
@@ -105,8 +106,26 @@ def test_one_task_scores_tables_and_heatmap():
     lines = [line.strip("│┃ ").split() for line in console.export_text().splitlines()]
     assert ["after", "T1", "│", "75.00"] in lines
     assert ["run", "│", "75.00", "│", "75.00", "│", "-", "│", "-", "│", "-", "│", "-"] in lines
-    figure = heatmap([[75.0]], "accuracy")
-    assert [t.get_text() for t in figure.axes[0].texts] == ["75"]
+    image = heatmap([[75.0]], "accuracy")
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+
+
+def test_heatmap_colours_each_cell_by_its_value_and_leaves_unscored_cells_grey():
+    from collections import Counter
+
+    from matplotlib import colormaps
+
+    from callbacks.continual_metrics import EMPTY_CELL, heatmap
+
+    def colour(x):
+        return tuple(round(255 * c) for c in colormaps["viridis"](x)[:3])
+
+    image = heatmap([[100.0, None], [50.0, 100.0]], "accuracy")  # viridis from 0 to the largest value
+    counts = Counter(map(tuple, image.reshape(-1, 3).tolist()))
+    top, half, empty = counts[colour(1.0)], counts[colour(0.5)], counts[EMPTY_CELL]
+    assert half > 400 and 1.6 < top / half < 2.4  # two cells at 100, one at 50 (less their digits)
+    assert empty > half  # one cell not scored, with no digits in it
+    assert counts[colour(0.0)] == 0
 
 
 def test_multitask_training_counts_every_task_as_seen():

@@ -11,7 +11,8 @@ class-IL (arg-max over the classes seen so far) and task-IL (arg-max within the 
 `trainer.fit` with the CLI's default callbacks (task switch, continual metrics, checkpoints, TensorBoard
 logger, rich progress bar) and `configs/trainer/cpu.yaml`; it is timed once more without the progress bar.
 The suite's own extra evaluations (Mammoth's FWT points: the next task before and after its start) count as
-its overhead.
+its overhead. A third arm, bare Lightning (the plain loop's model, loss and evaluations in a LightningModule,
+one `Trainer.fit` without logger, checkpoints, bar or summary), measures the floor of any Lightning-based fit.
 
     python benchmarks/overhead.py [--repeats 5] [--wide]
 
@@ -20,7 +21,7 @@ load hit both alike. Startup (imports, config parsing, building model, data and 
 is a one-off cost, reported apart from the ratio. `--wide` adds the old setting with steps of realistic
 size (MLP 2048-2048, batch 256, 100 steps per task; about two minutes). Prints a table, writes
 benchmarks/out/overhead.json; the last line is `ratio: X.XX` (suite fit wall time / plain wall time in the
-main setting, default callbacks; goal <= 1.5).
+main setting, default callbacks; goal <= 1.5, below bare Lightning's own ratio on this machine).
 """
 
 from __future__ import annotations
@@ -82,9 +83,8 @@ def run_suite(hidden: list[int], batch: int, epochs: int, steps: int | None, bar
     return {"fit_s": done - built, "startup_s": built - start, "steps": cli.trainer.global_step, "matrices": matrices}
 
 
-def run_plain(hidden: list[int], batch: int, epochs: int, steps: int | None) -> dict:
-    """The same model, loaders and optimizer in a hand-written loop, with the same evaluations; no logging,
-    checkpoints or progress bar."""
+def plain_parts(hidden: list[int], batch: int, steps: int | None):
+    """The data, the model (the suite's initialisation) and the evaluation both hand-made arms share."""
     from datamodules import SplitDigits
     from lightning_modules.nn.backbones import MLP
     from lightning_modules.nn.init import initialise
@@ -100,6 +100,7 @@ def run_plain(hidden: list[int], batch: int, epochs: int, steps: int | None) -> 
 
     def evaluate(loaders, task: int) -> dict[str, list[float]]:
         """Accuracy on every task's test set after task `task`: class-IL and task-IL, in percent."""
+        was_training = model.training
         model.eval()
         rows = {"accuracy": [], "task_il_accuracy": []}
         with torch.no_grad():
@@ -112,9 +113,16 @@ def run_plain(hidden: list[int], batch: int, epochs: int, steps: int | None) -> 
                     n += len(y)
                 rows["accuracy"].append(100.0 * correct / n)
                 rows["task_il_accuracy"].append(100.0 * correct_til / n)
-        model.train()
+        model.train(was_training)
         return rows
 
+    return dm, model, evaluate
+
+
+def run_plain(hidden: list[int], batch: int, epochs: int, steps: int | None) -> dict:
+    """The same model, loaders and optimizer in a hand-written loop, with the same evaluations; no logging,
+    checkpoints or progress bar."""
+    dm, model, evaluate = plain_parts(hidden, batch, steps)
     n = 0
     start = time.perf_counter()
     test_loaders = dm.eval_dataloaders()
@@ -135,6 +143,63 @@ def run_plain(hidden: list[int], batch: int, epochs: int, steps: int | None) -> 
     return {"fit_s": seconds, "steps": n, "matrices": {name: [r[name] for r in rows] for name in rows[0]}}
 
 
+def run_bare_lightning(hidden: list[int], batch: int, epochs: int, steps: int | None) -> dict:
+    """Lightning's own loop with nothing of the suite: a LightningModule with the plain loop's model, loss and
+    evaluations, one `fit` over every task (data reloaded each epoch, the task advanced at its last epoch's
+    end), no logger, checkpoints, progress bar or summary. The floor a Lightning-based fit starts from.
+    Plain SGD keeps no state, so one optimizer for the stream trains as a fresh one per task would."""
+    import lightning as L
+
+    dm, model, evaluate = plain_parts(hidden, batch, steps)
+    test_loaders = dm.eval_dataloaders()
+    rows: list[dict] = []
+
+    class Bare(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def training_step(self, b, batch_idx):
+            return F.cross_entropy(self.model(b["x"]), b["y"])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):  # reloaded each epoch: the current task's
+            return dm.train_dataloader()
+
+        def on_train_epoch_end(self):
+            if (self.current_epoch + 1) % epochs == 0:
+                t = self.current_epoch // epochs
+                rows.append(evaluate(test_loaders, t))
+                if t + 1 < dm.num_tasks:
+                    dm.set_task(t + 1)
+
+    dm.set_task(0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=dm.num_tasks * epochs,
+        reload_dataloaders_every_n_epochs=1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    module = Bare()
+    start = time.perf_counter()
+    rows.append(evaluate(test_loaders, 0))
+    trainer.fit(module)
+    seconds = time.perf_counter() - start
+    return {
+        "fit_s": seconds,
+        "steps": trainer.global_step,
+        "matrices": {name: [r[name] for r in rows] for name in rows[0]},
+    }
+
+
 def same_matrices(a: dict, b: dict, tol: float = 1e-6) -> bool:
     """Whether both arms scored every task alike (untrained row first), metric by metric."""
     if a.keys() != b.keys():
@@ -149,15 +214,17 @@ def same_matrices(a: dict, b: dict, tol: float = 1e-6) -> bool:
 
 def measure(setting: tuple, repeats: int, warmup: int) -> dict:
     hidden, batch, epochs, steps_per_task = setting
-    runs: dict[str, list[dict]] = {"plain": [], "suite": [], "suite_no_bar": []}
+    runs: dict[str, list[dict]] = {"plain": [], "bare_lightning": [], "suite": [], "suite_no_bar": []}
     for i in range(warmup + repeats):  # alternate, so drifts in machine load hit every arm alike
-        plain = run_plain(hidden, batch, epochs, steps_per_task)
-        suite = run_suite(hidden, batch, epochs, steps_per_task)
-        quiet = run_suite(hidden, batch, epochs, steps_per_task, bar=False)
+        done = {
+            "plain": run_plain(hidden, batch, epochs, steps_per_task),
+            "bare_lightning": run_bare_lightning(hidden, batch, epochs, steps_per_task),
+            "suite": run_suite(hidden, batch, epochs, steps_per_task),
+            "suite_no_bar": run_suite(hidden, batch, epochs, steps_per_task, bar=False),
+        }
         if i >= warmup:
-            runs["plain"].append(plain)
-            runs["suite"].append(suite)
-            runs["suite_no_bar"].append(quiet)
+            for arm, run in done.items():
+                runs[arm].append(run)
     steps = {r["steps"] for arm in runs.values() for r in arm}
     if len(steps) != 1:
         raise SystemExit(f"step counts differ between the arms: {sorted(steps)}")
@@ -169,12 +236,17 @@ def measure(setting: tuple, repeats: int, warmup: int) -> dict:
         "plain_s": p,
         "suite_s": median["suite"],
         "suite_no_bar_s": median["suite_no_bar"],
+        "bare_lightning_s": median["bare_lightning"],
+        "ratio_bare_lightning": median["bare_lightning"] / p,
+        "suite_over_bare_lightning": median["suite"] / median["bare_lightning"],
         "ratio": median["suite"] / p,
         "ratio_no_bar": median["suite_no_bar"] / p,
         "overhead_ms_per_step": 1000 * (median["suite"] - p) / n,
         "overhead_ms_per_step_no_bar": 1000 * (median["suite_no_bar"] - p) / n,
         "startup_s": statistics.median(r["startup_s"] for r in runs["suite"]),
-        "same_results": same_matrices(runs["plain"][0]["matrices"], runs["suite"][0]["matrices"]),
+        "same_results": all(
+            same_matrices(runs["plain"][0]["matrices"], runs[arm][0]["matrices"]) for arm in runs if arm != "plain"
+        ),
         "runs_s": {arm: [r["fit_s"] for r in arm_runs] for arm, arm_runs in runs.items()},
     }
 
@@ -196,7 +268,7 @@ def main() -> None:
 
     table = Table(title=f"lifelong fit vs plain PyTorch, Split-Digits 5 tasks, median of {opts.repeats}")
     columns = ("setting", "steps", "plain (s)", "suite (s)", "ratio", "overhead/step (ms)")
-    columns += ("no bar (s)", "ratio no bar", "startup (s)", "same results")
+    columns += ("no bar (s)", "ratio no bar", "bare Lightning (s)", "ratio bare", "startup (s)", "same results")
     for col in columns:
         table.add_column(col, justify="left" if col == "setting" else "right")
     for name, r in results.items():
@@ -209,6 +281,8 @@ def main() -> None:
             f"{r['overhead_ms_per_step']:.2f}",
             f"{r['suite_no_bar_s']:.2f}",
             f"{r['ratio_no_bar']:.2f}",
+            f"{r['bare_lightning_s']:.2f}",
+            f"{r['ratio_bare_lightning']:.2f}",
             f"{r['startup_s']:.1f}",
             "yes" if r["same_results"] else "no",
         )

@@ -8,9 +8,10 @@ file (a folder, a device, a socket) is refused, never replaced.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,24 @@ def _check_writable(folder: Path, given: Path, option: str) -> None:
             if not os.access(existing, os.W_OK | os.X_OK):
                 raise ConfigError(f"{option} {given}: {existing} is not writable; choose a folder you can write to")
             return
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Holds an exclusive advisory lock on an existing folder (`flock` on the folder itself, so no lock file is
+    left behind) while the block runs: processes that make the same files there take turns, and each checks
+    inside the block whether another has already made them. Without `fcntl` (Windows) it does nothing."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def temporary_name(path: str | os.PathLike) -> Path:

@@ -242,7 +242,10 @@ class RobotDataModule(ContinualDataModule):
             r = make_task_demos(
                 self.suite, t, self.root, self.settings, replace_stale=self.in_cache, option="data.root"
             )
-            rank_zero_info(f"{name}: {r.demos} demos from {r.attempts} episodes, mean length {r.mean_length:.1f}")
+            if r.skipped:
+                rank_zero_info(f"{name}: made meanwhile by another run, used as it is")
+            else:
+                rank_zero_info(f"{name}: {r.demos} demos from {r.attempts} episodes, mean length {r.mean_length:.1f}")
 
     def setup(self, stage: str | None = None) -> None:
         for t in range(self.num_tasks):

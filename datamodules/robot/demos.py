@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from cli.errors import ConfigError
-from cli.files import check_output_file, temporary_name
+from cli.files import check_output_file, folder_lock, temporary_name
 from datamodules.robot.suites import CAMERA_KEYS, LOWDIM_KEYS, Suite
 
 
@@ -255,12 +255,8 @@ def make_task_demos(
 ) -> TaskDemoReport:
     """Writes `<out>/<env name>.hdf5` for task `task_id` unless a complete one is there.
     `on_episode(kept, tried)` is called after every episode (progress display). A stale file (ours, made with
-    other settings) is replaced only with `replace_stale`; `option` names the folder in errors."""
-    import h5py
-
-    from datamodules.robot.envs import make_env
-
-    spec = env_spec(suite, settings)
+    other settings) is replaced only with `replace_stale`; `option` names the folder in errors. Processes making
+    the same folder's files take turns (`folder_lock`), so each file is made once."""
     name = suite.env_names[task_id]
     path = Path(out) / f"{name}.hdf5"
     report = TaskDemoReport(name, path)
@@ -269,6 +265,30 @@ def make_task_demos(
         return report
     new_folder = not path.parent.exists()  # removed again if nothing is written into it
     path.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(path.parent):  # runs started together (a table's jobs, several nodes) make each file once
+        if check_demo_file(path, name, settings, replace_stale, option) == "complete":
+            report.skipped = True  # another process made it while this one waited
+            return report
+        _make_file(suite, task_id, path, settings, report, new_folder, on_episode)
+    return report
+
+
+def _make_file(
+    suite: Suite,
+    task_id: int,
+    path: Path,
+    settings: DemoSettings,
+    report: TaskDemoReport,
+    new_folder: bool,
+    on_episode: Callable[[int, int], None] | None,
+) -> None:
+    """Records the demonstrations of `make_task_demos` into a temporary file, then renames it to `path`."""
+    import h5py
+
+    from datamodules.robot.envs import make_env
+
+    spec = env_spec(suite, settings)
+    name = suite.env_names[task_id]
     tmp = temporary_name(path)
     start = time.perf_counter()
     env = make_env(spec, task_id, settings.seed)
@@ -311,7 +331,6 @@ def make_task_demos(
         if new_folder and not any(path.parent.iterdir()):
             path.parent.rmdir()
     report.seconds = time.perf_counter() - start
-    return report
 
 
 def make_suite_demos(

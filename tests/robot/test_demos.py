@@ -92,6 +92,30 @@ def test_noise_is_seeded_and_labels_stay_clean(tmp_path):
     assert a.demos == 2 and a.attempts >= 2
 
 
+def test_runs_started_together_make_each_file_once(tmp_path):
+    """Two makers of the same file wait on the folder's lock (held here until both are started); the one that
+    gets it second finds the file complete and skips it, instead of recording every episode again."""
+    import threading
+
+    from cli.files import folder_lock
+
+    suite, settings = resolve_suite(tasks=[TASK]), DemoSettings(demos=1, horizon=120)
+    reports = []
+
+    def make():
+        reports.append(make_task_demos(suite, 0, tmp_path, settings))
+
+    with folder_lock(tmp_path):
+        threads = [threading.Thread(target=make) for _ in range(2)]
+        for t in threads:
+            t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.skipped for r in reports) == [False, True]
+    assert file_status(reports[0].path, TASK, settings) == "complete"
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary or lock file left
+
+
 def test_errors_are_one_line(tmp_path, capsys):
     for argv, expected in (
         (["--suite", "cw99"], "--suite: unknown suite 'cw99'; valid suites are cw10, cw3, mt10, libero_spatial"),

@@ -7,24 +7,24 @@
     <cache>/bases-v3-seed0/inpainting/         a diffusers StableDiffusionXLInpaintPipeline folder
 
 A model is built into a temporary folder beside its final place and renamed there when complete (with
-`lifelong_base.json` written last inside it), so a half-built model never counts as built; a lock file
-makes concurrent processes (DDP ranks, two jobs) wait for one builder. The preset name `tiny-pretrained`
-(`pretrained_model_name_or_path`, `clip_model`) builds on first use and reuses the cache afterwards.
+`lifelong_base.json` written last inside it), so a half-built model never counts as built; a lock on the
+folder (`cli.files.folder_lock`) makes concurrent processes (DDP ranks, two jobs) wait for one builder.
+The preset name `tiny-pretrained` (`pretrained_model_name_or_path`, `clip_model`) builds on first use and
+reuses the cache afterwards.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 from cli.errors import ConfigError
+from cli.files import folder_lock
 
 PRESET = "tiny-pretrained"
 VERSION = 3  # the recipe's version: a changed recipe builds into a new folder, never over an old build
@@ -73,16 +73,6 @@ def _writable_folder(folder: Path, root: str | os.PathLike | None) -> None:
             f"{_where(root)}: {folder} is not writable ({e.strerror or type(e).__name__}); set LIFELONG_CACHE "
             f"to a writable folder (or pass --cache) and run again"
         ) from e
-
-
-@contextlib.contextmanager
-def _lock(folder: Path) -> Iterator[None]:
-    with open(folder / ".lock", "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def ensure(
@@ -134,7 +124,7 @@ def build_bases(
         return report
     _writable_folder(folder, root)
     columns = (TextColumn("{task.description:<17}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with _lock(folder), Progress(*columns, disable=not progress, transient=False) as bar:
+    with folder_lock(folder), Progress(*columns, disable=not progress, transient=False) as bar:
         for name in order:
             final = folder / name
             if is_built(final):  # found above, or built by another process while this one waited

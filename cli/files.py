@@ -17,6 +17,11 @@ from typing import Any
 
 from cli.errors import ConfigError
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; folder_lock does nothing
+    fcntl = None
+
 
 def check_output_file(path: str | os.PathLike, option: str) -> Path:
     """`path` as a Path if a file may be written there (new, or a regular file to replace); else ConfigError
@@ -47,22 +52,48 @@ def _check_writable(folder: Path, given: Path, option: str) -> None:
             return
 
 
+#: the lock file `folder_lock` falls back to where a folder itself cannot be locked (NFS, some FUSE mounts)
+LOCK_FILE = ".lifelong.lock"
+
+
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
-    """Holds an exclusive advisory lock on an existing folder (`flock` on the folder itself, so no lock file is
-    left behind) while the block runs: processes that make the same files there take turns, and each checks
-    inside the block whether another has already made them. Without `fcntl` (Windows) it does nothing."""
-    try:
-        import fcntl
-    except ImportError:
+    """Holds an exclusive advisory lock on an existing folder while the block runs: processes that make the same
+    files there take turns, and each checks inside the block whether another has already made them.
+
+    The lock is `flock` on the folder itself, so no file is left behind; where the filesystem refuses that (NFS
+    turns `flock` into a byte-range lock, which a folder opened read-only cannot take) it locks a hidden
+    `LOCK_FILE` inside instead. A folder removed and made again while this process waited is locked anew. Without
+    `fcntl` (Windows) it does nothing."""
+    if fcntl is None:
         yield
         return
-    fd = os.open(folder, os.O_RDONLY)
+    fd = _locked(Path(folder))
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def _locked(folder: Path) -> int:
+    """An open descriptor holding the lock on `folder` (or on its lock file), the one at that path now."""
+    while True:
+        target, flags = folder, os.O_RDONLY
+        fd = os.open(target, flags)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            os.close(fd)
+            target, flags = folder / LOCK_FILE, os.O_RDWR | os.O_CREAT
+            fd = os.open(target, flags, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(target)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the folder was removed (a failed first maker cleans up) while this process waited
+        folder.mkdir(parents=True, exist_ok=True)
 
 
 def temporary_name(path: str | os.PathLike) -> Path:

@@ -59,3 +59,66 @@ def test_what_is_not_a_regular_file_or_folder_is_refused(tmp_path):
         check_output_folder(tmp_path / "file" / "sub", "--out")
     assert check_output_folder(tmp_path / "new" / "sub", "--out") == tmp_path / "new" / "sub"
     assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+def _waiter(folder):
+    """A thread that takes `folder_lock(folder)` and sets its event once it holds it."""
+    import threading
+
+    from cli.files import folder_lock
+
+    got = threading.Event()
+
+    def take():
+        with folder_lock(folder):
+            got.set()
+
+    thread = threading.Thread(target=take, daemon=True)
+    thread.start()
+    return thread, got
+
+
+def test_folder_lock_makes_a_second_holder_wait_and_leaves_no_file(tmp_path):
+    from cli.files import folder_lock
+
+    with folder_lock(tmp_path):
+        thread, got = _waiter(tmp_path)
+        assert not got.wait(0.5)  # held here: the other one waits
+    assert got.wait(10)
+    thread.join(10)
+    assert os.listdir(tmp_path) == []
+
+
+def test_folder_lock_falls_back_to_a_lock_file_where_a_folder_cannot_be_locked(tmp_path, monkeypatch):
+    import stat
+
+    import cli.files as files
+
+    real = files.fcntl.flock
+
+    def nfs_like(fd, op):  # NFS refuses an exclusive lock on a descriptor opened read-only, e.g. a folder's
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return real(fd, op)
+
+    monkeypatch.setattr(files.fcntl, "flock", nfs_like)
+    with files.folder_lock(tmp_path):
+        assert os.listdir(tmp_path) == [files.LOCK_FILE]
+        thread, got = _waiter(tmp_path)
+        assert not got.wait(0.5)
+    assert got.wait(10)
+    thread.join(10)
+
+
+def test_folder_lock_follows_a_folder_removed_and_made_again_while_waiting(tmp_path):
+    from cli.files import folder_lock
+
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    with folder_lock(folder):
+        thread, got = _waiter(folder)
+        assert not got.wait(0.5)
+        folder.rmdir()  # a first maker that failed cleans up its new folder, still holding the lock
+    assert got.wait(10)  # the waiter locks the folder at that path now, made again
+    thread.join(10)
+    assert folder.is_dir()

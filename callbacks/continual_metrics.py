@@ -17,6 +17,7 @@ curve per task, from which the summary takes LIBERO's FWT, NBT and AUC (`libero_
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from statistics import mean
@@ -637,11 +638,15 @@ def curve_table(curves: Mapping[int, Curve], task_names: list[str], title: str):
     return table
 
 
+#: the heatmap's colour for an entry that was not scored (a task not yet evaluated) or is not finite
+EMPTY_CELL = (225, 225, 225)
+
+
 def heatmap(matrix: Matrix, name: str) -> np.ndarray:
     """The matrix as an RGB image (height, width, 3; uint8) for TensorBoard: a viridis cell per entry (0 up to
     the largest value) with its value written in it, empty cells grey, rows = after training task i, columns =
-    evaluated on task j. Drawn with Pillow in about a millisecond; a matplotlib figure took ~55 ms, more than a
-    whole small stream's training."""
+    evaluated on task j. Drawn with Pillow in ~2 ms; the matplotlib figure it replaces took ~55 ms, a tenth of a
+    whole Split-Digits fit. A value that is not finite gets a grey cell with its text."""
     from matplotlib import colormaps
     from PIL import Image, ImageDraw, ImageFont
 
@@ -654,14 +659,16 @@ def heatmap(matrix: Matrix, name: str) -> np.ndarray:
     height = top + grid + bottom
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    values = [v for row in matrix for v in row if v is not None]
+    values = [v for row in matrix for v in row if v is not None and math.isfinite(v)]
     vmax = max(max(values, default=0.0), 0.0) or 1.0
     cmap = colormaps["viridis"]
     for i, row in enumerate(matrix):
         for j, v in enumerate(row):
             x, y = left + j * cell, top + i * cell
-            if v is None:
+            if v is None or not math.isfinite(v):
                 draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=EMPTY_CELL)
+                if v is not None:
+                    draw.text((x + cell / 2, y + cell / 2), f"{v:.0f}", fill="black", font=font, anchor="mm")
                 continue
             rgb = tuple(round(255 * c) for c in cmap(min(max(v, 0.0) / vmax, 1.0))[:3])
             draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=rgb)
@@ -676,7 +683,3 @@ def heatmap(matrix: Matrix, name: str) -> np.ndarray:
     ImageDraw.Draw(label).text((grid - 4, 8), ylabel, fill="black", font=font, anchor="rm")
     image.paste(label.rotate(90, expand=True), (2, top))
     return np.asarray(image)
-
-
-#: the colour of a matrix entry that was not scored (a task not yet evaluated)
-EMPTY_CELL = (225, 225, 225)

@@ -108,6 +108,8 @@ def test_one_task_scores_tables_and_heatmap():
     assert ["run", "│", "75.00", "│", "75.00", "│", "-", "│", "-", "│", "-", "│", "-"] in lines
     image = heatmap([[75.0]], "accuracy")
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    # the value is written in its cell: the same colour (the largest value) with other digits differs
+    assert not np.array_equal(image, heatmap([[76.0]], "accuracy"))
 
 
 def test_heatmap_colours_each_cell_by_its_value_and_leaves_unscored_cells_grey():
@@ -126,6 +128,10 @@ def test_heatmap_colours_each_cell_by_its_value_and_leaves_unscored_cells_grey()
     assert half > 400 and 1.6 < top / half < 2.4  # two cells at 100, one at 50 (less their digits)
     assert empty > half  # one cell not scored, with no digits in it
     assert counts[colour(0.0)] == 0
+    # a value that is not finite is a grey cell and leaves the others' scale as it was
+    spoiled = heatmap([[float("nan"), None], [50.0, 100.0]], "accuracy")
+    spoiled_counts = Counter(map(tuple, spoiled.reshape(-1, 3).tolist()))
+    assert spoiled_counts[colour(0.5)] == half and spoiled_counts[EMPTY_CELL] > empty
 
 
 def test_multitask_training_counts_every_task_as_seen():

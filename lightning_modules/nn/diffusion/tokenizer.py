@@ -3,13 +3,11 @@ preset and the CLIP scorer tokenise exactly like SD's text encoder without a dow
 
 from __future__ import annotations
 
-import atexit
 import functools
 import gzip
 import importlib.util
 import json
 import os
-import shutil
 import tempfile
 
 from cli.errors import ConfigError
@@ -52,27 +50,31 @@ def _byte_unicode() -> dict[int, str]:
 
 
 @functools.lru_cache(maxsize=1)
-def clip_bpe_files() -> tuple[str, str]:
-    """(vocab.json, merges.txt) in the format `transformers.CLIPTokenizer` reads, written once per process into
-    a temporary folder that is removed when the process exits (1.5 MB a process, which would pile up)."""
+def clip_bpe_texts() -> tuple[str, str]:
+    """The contents of vocab.json and merges.txt in the format `transformers.CLIPTokenizer` reads, made once
+    per process from open_clip's BPE file."""
     with gzip.open(_bpe_file(), "rt", encoding="utf-8") as f:
         merges = f.read().split("\n")[1 : NUM_MERGES + 1]
     pairs = [tuple(m.split()) for m in merges]
     chars = list(_byte_unicode().values())
     vocab = chars + [c + "</w>" for c in chars] + ["".join(p) for p in pairs] + ["<|startoftext|>", "<|endoftext|>"]
-    folder = tempfile.mkdtemp(prefix="clip-bpe-")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    vocab_path, merges_path = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
-    with open(vocab_path, "w", encoding="utf-8") as f:
-        json.dump({tok: i for i, tok in enumerate(vocab)}, f)
-    with open(merges_path, "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(" ".join(p) for p in pairs) + "\n")
-    return vocab_path, merges_path
+    vocab_json = json.dumps({tok: i for i, tok in enumerate(vocab)})
+    return vocab_json, "#version: 0.2\n" + "\n".join(" ".join(p) for p in pairs) + "\n"
 
 
 def clip_tokenizer(max_length: int = 77):
-    """A `transformers.CLIPTokenizer` with OpenAI CLIP's vocabulary (49,408 tokens), padding with <|endoftext|>."""
+    """A `transformers.CLIPTokenizer` with OpenAI CLIP's vocabulary (49,408 tokens), padding with <|endoftext|>.
+
+    The tokenizer reads its two files once, when it is built, and keeps them in memory (`save_pretrained`
+    writes from there), so they live in a temporary folder only for that moment: 1.5 MB per process used to
+    stay behind in the temp dir."""
     from transformers import CLIPTokenizer
 
-    vocab, merges = clip_bpe_files()
-    return CLIPTokenizer(vocab, merges, model_max_length=max_length, pad_token="<|endoftext|>")
+    vocab_json, merges_txt = clip_bpe_texts()
+    with tempfile.TemporaryDirectory(prefix="clip-bpe-") as folder:
+        vocab, merges = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
+        with open(vocab, "w", encoding="utf-8") as f:
+            f.write(vocab_json)
+        with open(merges, "w", encoding="utf-8") as f:
+            f.write(merges_txt)
+        return CLIPTokenizer(vocab, merges, model_max_length=max_length, pad_token="<|endoftext|>")

@@ -666,14 +666,13 @@ def heatmap(matrix: Matrix, name: str) -> np.ndarray:
         for j, v in enumerate(row):
             x, y = left + j * cell, top + i * cell
             if v is None or not math.isfinite(v):
-                draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=EMPTY_CELL)
-                if v is not None:
-                    draw.text((x + cell / 2, y + cell / 2), f"{v:.0f}", fill="black", font=font, anchor="mm")
-                continue
-            rgb = tuple(round(255 * c) for c in cmap(min(max(v, 0.0) / vmax, 1.0))[:3])
-            draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=rgb)
-            ink = "black" if 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] > 128 else "white"
-            draw.text((x + cell / 2, y + cell / 2), f"{v:.0f}", fill=ink, font=font, anchor="mm")
+                fill, ink = EMPTY_CELL, "black"
+            else:
+                fill = tuple(round(255 * c) for c in cmap(min(max(v, 0.0) / vmax, 1.0))[:3])
+                ink = "black" if 0.299 * fill[0] + 0.587 * fill[1] + 0.114 * fill[2] > 128 else "white"
+            draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=fill)
+            if v is not None:
+                draw.text((x + cell / 2, y + cell / 2), f"{v:.0f}", fill=ink, font=font, anchor="mm")
     for k in range(n):
         draw.text((left + (k + 0.5) * cell, top - 4), str(k + 1), fill="black", font=font, anchor="md")
         draw.text((left - 6, top + (k + 0.5) * cell), str(k + 1), fill="black", font=font, anchor="rm")

@@ -78,14 +78,14 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
 def _locked(folder: Path) -> int:
     """An open descriptor holding the lock on `folder` (or on its lock file), the one at that path now."""
     while True:
-        target, flags = folder, os.O_RDONLY
-        fd = os.open(target, flags)
+        target = folder
+        fd = os.open(target, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError:
             os.close(fd)
-            target, flags = folder / LOCK_FILE, os.O_RDWR | os.O_CREAT
-            fd = os.open(target, flags, 0o644)
+            target = folder / LOCK_FILE
+            fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
             fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             if os.path.samestat(os.fstat(fd), os.stat(target)):

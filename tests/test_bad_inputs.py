@@ -811,7 +811,18 @@ CASES = [
     Case(
         "unknown DMPEL router init",
         lambda f: fit_args("robot/dmpel_cw3.yaml", f / "run", "--model.init_args.router_init=uniform"),
-        ("router_init", "released", "favour_new"),
+        ("router_init", "released", "favour_new", "inherit"),
+    ),
+    Case(
+        "DMPEL's inherited router with a new expert outside (0, 2)",
+        lambda f: fit_args(
+            "robot/dmpel_cw3.yaml",
+            f / "run",
+            "--model.init_args.policy_checkpoint=null",
+            "--model.init_args.router_init=inherit",
+            "--model.init_args.router_new_start=2.5",
+        ),
+        ("router_new_start", "(0, 2)", "2.5"),
     ),
     Case(
         "export in an unknown format",

@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 from callbacks.expert_freezing import ExpertFreezing
 from cli.errors import ConfigError
 from lightning_modules.nn.robot.experts import GROUPS, INIT_MODES, ExpertLibrary, check_groups
-from lightning_modules.nn.robot.router import CoefficientRouter, query_dim, routing_query
+from lightning_modules.nn.robot.router import INHERIT_NEW, CoefficientRouter, query_dim, routing_query
 from lightning_modules.robot.base import RobotImitationModule, task_seed
 
 DEFAULT_RANKS = {"img": 8, "extra": 16, "fusion": 16, "tem": 16, "head": 16}
@@ -88,8 +88,11 @@ class DMPEL(RobotImitationModule):
     router_lr_scale: the router's learning rate relative to the optimizer's (1.0).
     router_init: each new router's initial coefficients: "released" (every expert near 1/k, the released
         code) or "favour_new" (the new expert near 1.0, old ones near 0.05: old experts, frozen and near 1/k,
-        otherwise keep pulling a new task's actions their way). At each task's end the mean coefficient of
-        every expert on the task's windows is logged (`task/coefficient/expert_j`) to show such interference.
+        otherwise keep pulling a new task's actions their way) or "inherit" (router t starts as router t-1
+        after its replay, the new expert near `router_new_start`: a task begins from the last task's policy).
+        At each task's end the mean coefficient of every expert on the task's windows is logged
+        (`task/coefficient/expert_j`) to show such interference.
+    router_new_start: with `inherit`, the new expert's initial coefficient (0.05: near the last policy).
     replay_epochs / replay_batch_size / replay_lr / replay_weight_decay / replay_grad_clip: the coefficient
         replay's fit of the router (10 / 32 / AdamW's defaults 1e-3, 0.01 / 100).
     replay_sample_ratio: share of a task's training windows stored for replay (1.0).
@@ -108,7 +111,8 @@ class DMPEL(RobotImitationModule):
         coefficient_dropout: float = 0.15,
         expert_init: Literal["ortho", "kaiming"] = "ortho",
         router_lr_scale: float = 1.0,
-        router_init: Literal["released", "favour_new"] = "released",
+        router_init: Literal["released", "favour_new", "inherit"] = "released",
+        router_new_start: float = INHERIT_NEW,
         replay_epochs: int = 10,
         replay_batch_size: int = 32,
         replay_lr: float = 1e-3,
@@ -125,6 +129,8 @@ class DMPEL(RobotImitationModule):
             raise ConfigError(f"model.expert_init: {expert_init!r} is not one of {', '.join(INIT_MODES)}")
         if not 0.0 < replay_sample_ratio <= 1.0:
             raise ConfigError(f"model.replay_sample_ratio must be in (0, 1], got {replay_sample_ratio}")
+        if router_init == "inherit" and not 0.0 < router_new_start < 2.0:
+            raise ConfigError(f"model.router_new_start must be in (0, 2), got {router_new_start}")
         if replay_epochs < 0 or replay_batch_size < 1 or record_batch_size < 1:
             raise ConfigError("model.replay_epochs must be >= 0 and the replay/record batch sizes >= 1")
         self.policy.requires_grad_(False)
@@ -152,6 +158,7 @@ class DMPEL(RobotImitationModule):
         self.register_buffer("expert_ready", torch.zeros(self.num_tasks, dtype=torch.bool))
         self.expert_init = expert_init
         self.router_lr_scale = router_lr_scale
+        self.router_init, self.router_new_start = router_init, router_new_start
         self.replay_epochs, self.replay_batch_size = replay_epochs, replay_batch_size
         self.replay_lr, self.replay_weight_decay = replay_lr, replay_weight_decay
         self.replay_grad_clip, self.replay_sample_ratio = replay_grad_clip, replay_sample_ratio
@@ -193,8 +200,11 @@ class DMPEL(RobotImitationModule):
 
     # -- task boundaries ----------------------------------------------------------------------
     def on_task_start(self, task_id: int) -> None:
-        """Initialises experts 0..t not yet initialised (deterministically) and trains expert t + router t only."""
+        """Initialises experts 0..t not yet initialised (deterministically), with `inherit` starts router t from
+        router t-1 when task t starts afresh (not on a resume within it), and trains expert t + router t only."""
         super().on_task_start(task_id)
+        if self.router_init == "inherit" and task_id > 0 and not bool(self.expert_ready[task_id]):
+            self.routers[task_id].inherit_from(self.routers[task_id - 1], self.router_new_start)
         for s in range(task_id + 1):
             if not bool(self.expert_ready[s]):
                 self.library.init_expert(s, self.expert_init, task_seed(7_919, s))

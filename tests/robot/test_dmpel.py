@@ -207,23 +207,54 @@ def test_favour_new_starts_the_new_expert_near_one_and_old_ones_near_zero():
         CoefficientRouter(10, 3, 5, init="uniform")
 
 
-@pytest.mark.parametrize("router_init", ["released", "favour_new"])
+# k = 2 experts: 1/k each when released; inherit: router 0's start (k = 1: 1.0) and `router_new_start`
+STARTS = {"released": (0.5, 0.5), "favour_new": (0.05, 1.0), "inherit": (1.0, 0.05)}
+
+
+@pytest.mark.parametrize("router_init", list(STARTS))
 def test_a_new_tasks_router_starts_as_chosen_and_its_expert_learns_from_the_first_step(router_init):
     m = make_module(num_tasks=2, router_init=router_init)
     m.on_task_start(0)
+    with torch.no_grad():
+        m.routers[0].out.weight.zero_()
     m.on_task_start(1)
     router = m.routers[1]
     with torch.no_grad():
         router.out.weight.zero_()
     batch = batch_of(Windows(1))
     coefficients = router(m.query(batch["obs"], m.lang(batch["task"])))
-    old, new = (0.5, 0.5) if router_init == "released" else (0.05, 1.0)  # k = 2 experts: 1/k each
+    old, new = STARTS[router_init]
     torch.testing.assert_close(coefficients[..., 0], torch.full_like(coefficients[..., 0], old))
     torch.testing.assert_close(coefficients[..., 1], torch.full_like(coefficients[..., 1], new))
     m.bc_loss(batch).backward()
     grads = [p.grad for p in m.library.expert_parameters(1)]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)  # expert 1 moves at its first step
     assert all(p.grad is None for p in m.library.expert_parameters(0))  # expert 0 is frozen
+
+
+def test_inherit_starts_each_router_as_the_last_one_once_per_task():
+    m = make_module(num_tasks=3, router_init="inherit", router_new_start=0.3)
+    q = m.query(*(lambda b: (b["obs"], m.lang(b["task"])))(batch_of(Windows(1))))
+    m.on_task_start(0)
+    with torch.no_grad():  # stands in for task 0's training and replay
+        for p in m.routers[0].parameters():
+            p.add_(torch.randn_like(p))
+    m.on_task_start(1)
+    before = m.routers[0](q)
+    torch.testing.assert_close(m.routers[1](q)[..., :1], before)  # the old expert as router 0 left it
+    with torch.no_grad():
+        m.routers[1].out.weight.view(m.routers[1].groups, 2, -1)[:, 1] = 0
+    torch.testing.assert_close(m.routers[1](q)[..., 1], torch.full_like(before[..., 0], 0.3))
+    with torch.no_grad():  # task 1's training
+        for p in m.routers[1].parameters():
+            p.add_(torch.randn_like(p))
+    trained = {k: v.clone() for k, v in m.routers[1].state_dict().items()}
+    m.on_task_start(1)  # a resume within task 1 keeps its router as trained
+    assert all(torch.equal(v, m.routers[1].state_dict()[k]) for k, v in trained.items())
+    m.on_task_start(2)
+    torch.testing.assert_close(m.routers[2](q)[..., :2], m.routers[1](q))
+    with pytest.raises(ConfigError, match="model.router_new_start"):
+        make_module(num_tasks=2, router_init="inherit", router_new_start=0.0)
 
 
 def test_expert_use_is_the_mean_coefficient_of_each_expert():

@@ -5,7 +5,9 @@ query -> Linear(256) -> GELU(tanh) -> Linear(256) -> GELU(tanh) -> Linear(G*K) -
 (not renormalised); the others count as 0. Initial coefficients, set through the last layer's bias:
 `released` starts every expert near 1/k (bias logit(0.5 / k)), so the k kept ones sum to about 1;
 `favour_new` starts the new (last) expert near 1.0 and the old ones near 0.05, so a new task's router does
-not begin by mixing in experts of other tasks (which, frozen and never turned off, can dominate it).
+not begin by mixing in experts of other tasks (which, frozen and never turned off, can dominate it);
+`inherit` starts router t as router t-1 after its replay (`inherit_from`), the new expert near
+`new_start`, so a new task begins from the policy that ended the last one and keeps what transfers.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from cli.errors import ConfigError
 from lightning_modules.nn.robot.experts import ExpertLibrary
 
 #: how a router's initial coefficients are set; `favour_new`: (each old expert, the new one)
-ROUTER_INITS = ("released", "favour_new")
+ROUTER_INITS = ("released", "favour_new", "inherit")
 FAVOUR_NEW = (0.05, 1.0)
+#: `inherit`: the new expert's initial coefficient when none is given
+INHERIT_NEW = 0.05
 
 
 def _logit(p: float) -> float:
@@ -30,7 +34,8 @@ def _logit(p: float) -> float:
 
 class CoefficientRouter(nn.Module):
     """Args: query_dim; groups G; experts K (the pool size it routes over; the last is the new task's);
-    top_k; hidden width; init: the initial coefficients, `released` or `favour_new` (module docstring)."""
+    top_k; hidden width; init: the initial coefficients, `released`, `favour_new` or `inherit` (module
+    docstring; `inherit` starts as `released` until `inherit_from` is called)."""
 
     def __init__(
         self, query_dim: int, groups: int, experts: int, top_k: int = 3, hidden: int = 256, init: str = "released"
@@ -45,13 +50,28 @@ class CoefficientRouter(nn.Module):
         self.fc2 = nn.Linear(hidden, hidden)
         self.out = nn.Linear(hidden, groups * experts)
         with torch.no_grad():  # a coefficient is 2 sigmoid(logit): bias logit(c / 2) starts it near c
-            if init == "released":
+            if init in ("released", "inherit"):
                 self.out.bias.fill_(_logit(0.5 / self.k))
             else:
                 old, new = FAVOUR_NEW
                 bias = self.out.bias.view(groups, experts)
                 bias[:, :-1] = _logit(old / 2)
                 bias[:, -1] = _logit(new / 2)
+
+    @torch.no_grad()
+    def inherit_from(self, previous: CoefficientRouter, new_start: float) -> None:
+        """Copies `previous` (same groups, one expert fewer) into this router: its hidden layers and, per
+        group, its output rows for the old experts; the new expert's row keeps its weights and starts near
+        `new_start` (in (0, 2)) through its bias."""
+        if previous.groups != self.groups or previous.experts != self.experts - 1:
+            raise ValueError(f"a router over {self.experts} experts inherits from one over {self.experts - 1}")
+        self.fc1.load_state_dict(previous.fc1.state_dict())
+        self.fc2.load_state_dict(previous.fc2.state_dict())
+        weight = self.out.weight.view(self.groups, self.experts, -1)
+        bias = self.out.bias.view(self.groups, self.experts)
+        weight[:, :-1] = previous.out.weight.view(self.groups, previous.experts, -1)
+        bias[:, :-1] = previous.out.bias.view(self.groups, previous.experts)
+        bias[:, -1] = _logit(new_start / 2)
 
     def forward(self, query: Tensor) -> Tensor:
         """(B, G, K) coefficients in (0, 2), before top-k selection; always in float32 (also under autocast)."""

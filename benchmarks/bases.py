@@ -3,8 +3,8 @@
     python benchmarks/bases.py [--cache DIR] [--seed 0] [--samples_per_digit 10]
 
 Builds the four bases with `lifelong pretrain-bases`' code into `--cache` (default: a fresh temporary
-folder, so every model is built and timed; an existing cache is reused and its build times come from
-its markers), loads each with the stock tool of its kind (diffusers pipelines, transformers' CLIPModel,
+folder, removed at the end, so every model is built and timed; an existing cache is reused and its build
+times come from its markers), loads each with the stock tool of its kind (diffusers pipelines, transformers' CLIPModel,
 huggingface_hub's mixin), and measures the bars on held-out data:
 
 - text-to-image: the digit classifier reads >= 80% of "a handwritten digit <d>" samples as d (25 DDIM steps,
@@ -58,13 +58,18 @@ def main() -> None:
     parser.add_argument("--samples_per_digit", type=int, default=10)
     args = parser.parse_args()
     torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory(prefix="lifelong-bases-") as scratch:  # removed at the end
+        _measure(args, args.cache or scratch, kept=args.cache is not None)
 
+
+def _measure(args: argparse.Namespace, root: str, kept: bool) -> None:
+    """Builds (or reuses) the bases under `root`, times their loads, checks their quality and writes the
+    table and JSON; `kept`: the cache outlives the run, so the JSON names its folders."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLInpaintPipeline
 
     from lightning_modules.nn.bases import cache, quality
     from lightning_modules.nn.bases.classifier import DigitClassifier
 
-    root = args.cache or tempfile.mkdtemp(prefix="lifelong-bases-")
     report = cache.build_bases(cache.MODELS, root=root, seed=args.seed)
     rows = {}
     for name in cache.MODELS:
@@ -151,6 +156,9 @@ def main() -> None:
     ]
     for label, value, bar, ok in checks:
         print(f"{label:<52} {value:>8.3f}  {bar:<18} {'met' if ok else 'NOT MET'}")
+    if not kept:
+        for r in rows.values():
+            r["path"] = None  # a temporary folder, removed when the run ends
     result = {
         "seed": args.seed,
         "threads": torch.get_num_threads(),

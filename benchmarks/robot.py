@@ -26,10 +26,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import ROOT, fit_run, fmt, markdown_table, run_jobs, table_parser  # noqa: E402
 
-METHODS = ["sequential", "er", "ewc", "packnet", "tail", "l2m", "l2m_all_groups", "iscil", "dmpel", "dmpel_favour_new"]
+METHODS = [
+    "sequential",
+    "er",
+    "ewc",
+    "packnet",
+    "tail",
+    "l2m",
+    "l2m_all_groups",
+    "iscil",
+    "dmpel",
+    "dmpel_favour_new",
+    "dmpel_inherit",
+]
 #: table rows that are a method's config with options changed: name -> (config's method, overrides)
 VARIANTS = {
     "dmpel_favour_new": ("dmpel", ["--model.init_args.router_init=favour_new"]),
+    "dmpel_inherit": ("dmpel", ["--model.init_args.router_init=inherit"]),
     # L2M's experts on DMPEL's layer groups instead of the reference's q/v only (which, without an image
     # tower, learns window-close alone 0% in 6 epochs; with the head group too 75%, with all groups 95%)
     "l2m_all_groups": ("l2m", ["--model.init_args.groups=[img,extra,fusion,tem,head]"]),
@@ -45,6 +58,7 @@ NAMES = {
     "iscil": "IsCiL",
     "dmpel": "DMPEL",
     "dmpel_favour_new": "DMPEL, router_init favour_new",
+    "dmpel_inherit": "DMPEL, router_init inherit",
 }
 #: overrides of the committed configs per suite: CW10's configs hold the spec's 10 epochs and 20 rollouts per
 #: evaluation; the budgeted runs took 870-1,550 s each on 2 CPU cores (two at a time), so 18 full-spec runs

@@ -92,7 +92,7 @@ class DMPEL(RobotImitationModule):
         after its replay, the new expert near `router_new_start`: a task begins from the last task's policy).
         At each task's end the mean coefficient of every expert on the task's windows is logged
         (`task/coefficient/expert_j`) to show such interference.
-    router_new_start: with `inherit`, the new expert's initial coefficient (0.05: near the last policy).
+    router_new_start: with `inherit`, the new expert's initial coefficient (1.0, measured against 0.05).
     replay_epochs / replay_batch_size / replay_lr / replay_weight_decay / replay_grad_clip: the coefficient
         replay's fit of the router (10 / 32 / AdamW's defaults 1e-3, 0.01 / 100).
     replay_sample_ratio: share of a task's training windows stored for replay (1.0).

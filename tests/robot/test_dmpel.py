@@ -208,7 +208,7 @@ def test_favour_new_starts_the_new_expert_near_one_and_old_ones_near_zero():
 
 
 # k = 2 experts: 1/k each when released; inherit: router 0's start (k = 1: 1.0) and `router_new_start`
-STARTS = {"released": (0.5, 0.5), "favour_new": (0.05, 1.0), "inherit": (1.0, 0.05)}
+STARTS = {"released": (0.5, 0.5), "favour_new": (0.05, 1.0), "inherit": (1.0, 1.0)}
 
 
 @pytest.mark.parametrize("router_init", list(STARTS))

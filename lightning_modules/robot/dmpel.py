@@ -89,7 +89,7 @@ class DMPEL(RobotImitationModule):
     router_init: each new router's initial coefficients: "released" (every expert near 1/k, the released
         code) or "favour_new" (the new expert near 1.0, old ones near 0.05: old experts, frozen and near 1/k,
         otherwise keep pulling a new task's actions their way) or "inherit" (router t starts as router t-1
-        after its replay, the new expert near `router_new_start`: a task begins from the last task's policy).
+        after its replay, the new expert near `router_new_start`: a task begins near the last task's policy).
         At each task's end the mean coefficient of every expert on the task's windows is logged
         (`task/coefficient/expert_j`) to show such interference.
     router_new_start: with `inherit`, the new expert's initial coefficient (1.0, measured against 0.05).

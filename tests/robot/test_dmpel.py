@@ -234,7 +234,8 @@ def test_a_new_tasks_router_starts_as_chosen_and_its_expert_learns_from_the_firs
 
 def test_inherit_starts_each_router_as_the_last_one_once_per_task():
     m = make_module(num_tasks=3, router_init="inherit", router_new_start=0.3)
-    q = m.query(*(lambda b: (b["obs"], m.lang(b["task"])))(batch_of(Windows(1))))
+    batch = batch_of(Windows(1))
+    q = m.query(batch["obs"], m.lang(batch["task"]))
     m.on_task_start(0)
     with torch.no_grad():  # stands in for task 0's training and replay
         for p in m.routers[0].parameters():

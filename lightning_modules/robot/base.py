@@ -18,6 +18,7 @@ check of methods that train a subset of their parameters (`require_find_unused_p
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -84,12 +85,24 @@ def push_history(history: dict[int, Tensor], ids: Any, reset: Any, values: Tenso
     return out
 
 
+def weights_fingerprint(state: dict[str, Tensor]) -> str:
+    """The first 12 hex digits of a SHA-256 over a state dict's names, dtypes, shapes and values, in name
+    order: equal for bit-identical weights, whatever file or device they came from."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        value = state[name].detach().cpu()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(value.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
 class RobotImitationModule(ContinualModule):
     """Args:
     policy: sizes and encoders of the foundation policy (see `PolicyConfig`).
     language_encoder: `minilm` (packaged sentence encoder), `tiny`, or a local CLIP folder.
     policy_checkpoint: a local file with pretrained policy weights (a `policy.` state dict as saved by
-        `lifelong fit` of a multitask run, or a plain policy state dict); None: random initialisation.
+        `lifelong fit` of a multitask run, or a plain policy state dict); None: random initialisation. Its
+        `weights_fingerprint` becomes `policy_fingerprint`, so result tables can name the foundation they used.
     rollout_workers: simulator worker processes for evaluation (0: in this process).
     rollout_media: at each evaluation, episode 0 of each task goes to TensorBoard as `rollout/<task>`: an
         animated GIF where MuJoCo renders offscreen (`MUJOCO_GL=egl|osmesa`), else its state trajectory as a
@@ -122,6 +135,7 @@ class RobotImitationModule(ContinualModule):
             window=stream.window,
         )
         self.register_buffer("lang_table", encode_instructions(language_encoder, list(stream.instructions)))
+        self.policy_fingerprint: str | None = None  # of the loaded foundation weights (`weights_fingerprint`)
         if policy_checkpoint is not None:
             self.load_policy(policy_checkpoint)
         if rollout_workers < 0:
@@ -137,7 +151,10 @@ class RobotImitationModule(ContinualModule):
     def load_policy(self, path: str) -> None:
         """Loads pretrained foundation weights (the lifelong phase starts from them)."""
         if not os.path.exists(path):
-            raise ConfigError(f"model.policy_checkpoint: {path} does not exist; train one with a multitask run")
+            raise ConfigError(
+                f"model.policy_checkpoint: {path} does not exist; train one with a multitask run (Meta-World: "
+                "lifelong fit -c configs/trainer/cpu.yaml -c configs/robot/pretrain_metaworld.yaml) or set it to null"
+            )
         state = load_torch_file(path, "model.policy_checkpoint")
         if not isinstance(state, dict):
             raise ConfigError(f"model.policy_checkpoint {path}: holds no weights; pass a checkpoint of a robot policy")
@@ -150,6 +167,7 @@ class RobotImitationModule(ContinualModule):
                 f"model.policy_checkpoint: {path} does not fit this policy (missing {missing[:3]}, unexpected "
                 f"{unexpected[:3]}); use the model.policy settings it was trained with"
             )
+        self.policy_fingerprint = weights_fingerprint(state)
 
     # -- tasks --------------------------------------------------------------------------------------
     def on_task_start(self, task_id: int) -> None:

@@ -23,7 +23,7 @@ from datamodules.robot.stream import EnvSpec, RobotTaskStream
 from lightning_modules import TAIL, PackNet, RobotER, RobotEWC
 from lightning_modules.nn.robot.policy import PolicyConfig
 from lightning_modules.robot import ewc as ewc_module
-from lightning_modules.robot.base import end_of_task_seed
+from lightning_modules.robot.base import end_of_task_seed, weights_fingerprint
 from lightning_modules.robot.ewc import ewc_penalty, minibatch_fisher
 from lightning_modules.robot.packnet import prune_smallest
 from tests.helpers import check_deepspeed_claim
@@ -455,3 +455,24 @@ def test_tail_adapts_the_later_clip_q_v_projections_at_rank_8():
     assert not any(p.requires_grad for n, p in m.policy.image.named_parameters() if ".lora_" not in n)
     with pytest.raises(ConfigError, match="variant"):
         build(TAIL, variant="oracle")
+
+
+def test_a_loaded_foundation_is_named_by_a_fingerprint_of_its_weights(tmp_path):
+    source = build(RobotER)
+    weights = source.policy.state_dict()
+    path = tmp_path / "foundation.ckpt"
+    torch.save({"state_dict": {f"policy.{k}": v for k, v in weights.items()}}, path)
+    assert build(RobotER).policy_fingerprint is None  # random initialisation: no foundation to name
+    loaded = build(RobotER, policy_checkpoint=str(path))
+    assert loaded.policy_fingerprint == weights_fingerprint(weights)
+    assert len(loaded.policy_fingerprint) == 12 and int(loaded.policy_fingerprint, 16) >= 0
+
+    # the same values in another order or another tensor object: the same name
+    reordered = dict(reversed([(k, v.clone()) for k, v in weights.items()]))
+    assert weights_fingerprint(reordered) == loaded.policy_fingerprint
+    # one value moved by one ulp, or the same bytes in another shape: another name
+    name = next(k for k, v in weights.items() if v.is_floating_point() and v.numel() > 1)
+    nudged = dict(weights, **{name: weights[name].clone()})
+    nudged[name].view(-1)[0] = torch.nextafter(nudged[name].view(-1)[0], torch.tensor(float("inf")))
+    assert weights_fingerprint(nudged) != loaded.policy_fingerprint
+    assert weights_fingerprint(dict(weights, **{name: weights[name].reshape(-1)})) != loaded.policy_fingerprint

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -163,6 +164,31 @@ READING = {
 }
 
 
+#: the foundation policy every `<method>_cw3.yaml` and `<method>_cw10.yaml` loads (`model.policy_checkpoint`)
+FOUNDATION = "runs/pretrain_metaworld/checkpoints/last.ckpt"
+
+
+def ensure_foundation() -> None:
+    """Trains the foundation policy (`pretrain_metaworld.yaml`, a few minutes) when it is missing, once,
+    before the runs start, so that a table on a fresh clone does not stop at its first run."""
+    if (ROOT / FOUNDATION).exists():
+        return
+    print(f"{FOUNDATION} is missing: training the foundation policy first (configs/robot/pretrain_metaworld.yaml)")
+    cmd = ["fit", "-c", "configs/trainer/cpu.yaml", "-c", "configs/robot/pretrain_metaworld.yaml"]
+    subprocess.run([sys.executable, "-m", "cli.main", *cmd], cwd=ROOT, check=True)
+
+
+def foundation_line(runs: dict[str, list[dict]]) -> str:
+    """Names the foundation weights the table's runs started from (`weights_fingerprint`), so two tables
+    can be told apart or matched; runs written before fingerprints were recorded count as unknown."""
+    prints = sorted({row.get("foundation") or "unknown" for rows in runs.values() for row in rows})
+    if prints == ["unknown"]:
+        return "Foundation policy: not recorded for these runs."
+    if len(prints) == 1:
+        return f"Foundation policy: weights fingerprint `{prints[0]}` (the same for every run)."
+    return f"Foundation policy: these runs started from different weights ({', '.join(f'`{p}`' for p in prints)})."
+
+
 def positive_int(text: str) -> int:
     """An argparse type: a whole number of at least 1."""
     value = int(text)
@@ -197,6 +223,7 @@ def run_one(method: str, seed: int, out: str, suite: str, rollouts: int | None) 
         "curves": report.get("curves"),
         "added_parameters": added,
         "total_parameters": sum(p.numel() for p in model.policy.parameters()),
+        "foundation": model.policy_fingerprint,
         "wall_s": wall,
     }
     Path(out).write_text(json.dumps(row, indent=2))
@@ -216,6 +243,8 @@ def main() -> None:
 
     # Seed by seed, so an interrupted table has every method on the first seeds.
     todo = [] if opts.report else [(m, s) for s in opts.seeds for m in opts.methods]
+    if todo:
+        ensure_foundation()
     folder = ROOT / f"benchmarks/out/robot_{table_tag}"
     extra = ["--suite", suite, *(["--rollouts", str(rollouts)] if rollouts is not None else [])]
     run_jobs(__file__, todo, folder, opts.jobs, extra=extra)
@@ -281,6 +310,8 @@ def main() -> None:
         "their best row of the success matrix to the last (so it leaves out what a task loses before its",
         "row is written, e.g. PackNet's pruning); parameters added per task = what each new task trains and",
         "keeps (replay data, Fisher and masks are not parameters).",
+        "",
+        foundation_line(runs),
         "",
     ]
     lines += markdown_table("method", header, {name: list(cells.values()) for name, cells in table.items()})

@@ -1,0 +1,33 @@
+"""benchmarks/robot.py's foundation policy: the file it trains when missing is the one every CW config
+loads, and the table names the weights its runs started from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from benchmarks.robot import FOUNDATION, foundation_line
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "robot"
+
+
+def test_the_foundation_the_table_trains_is_the_one_every_cw_config_loads():
+    configs = sorted(CONFIGS.glob("*_cw3.yaml")) + sorted(CONFIGS.glob("*_cw10.yaml"))
+    assert len(configs) >= 16
+    for config in configs:
+        assert yaml.safe_load(config.read_text())["model"]["init_args"]["policy_checkpoint"] == FOUNDATION, config
+    pretrain = yaml.safe_load((CONFIGS / "pretrain_metaworld.yaml").read_text())
+    assert f"{pretrain['trainer']['default_root_dir']}/checkpoints/last.ckpt" == FOUNDATION
+
+
+def test_the_table_names_one_foundation_several_or_none():
+    row = {"foundation": "554b0bdc7778"}
+    assert "`554b0bdc7778` (the same for every run)" in foundation_line({"tail": [row, row], "dmpel": [row]})
+    mixed = foundation_line({"tail": [row], "dmpel": [{"foundation": "0f36f6ebb1d4"}]})
+    assert "different weights (`0f36f6ebb1d4`, `554b0bdc7778`)" in mixed
+    assert "unknown" in foundation_line({"tail": [row], "dmpel": [{}]})
+    assert (
+        foundation_line({"tail": [{}], "dmpel": [{"foundation": None}]})
+        == "Foundation policy: not recorded for these runs."
+    )

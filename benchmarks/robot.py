@@ -1,7 +1,7 @@
 """Result tables: the robot methods on Continual World's Meta-World sequences, CW3 or CW10, seeds 0 and 1.
 
     python benchmarks/robot.py [--suite cw3|cw10] [--seeds 0 1] [--methods sequential dmpel ...] [--jobs 2]
-                               [--rollouts 20]
+                               [--rollouts 20] [--label second_foundation]
 
 Runs `configs/robot/<method>_<suite>.yaml` (a variant: that config with options changed, `VARIANTS`; CW10
 with the CPU budget of `BUDGET`) through `lifelong fit` (one process per run, `--jobs` at a time, one torch
@@ -9,8 +9,10 @@ thread each), prints a table, writes `benchmarks/out/robot_<suite>.json` and the
 `docs/results/metaworld_<suite>.md`: the final success on each task, FWT, NBT and AUC (LIBERO's
 definitions, from the per-task success curves), trainable parameters added per task, and wall time.
 `--rollouts N` evaluates with N rollouts per task (every curve point and the matrix) instead of the budget's,
-and keeps its own runs, JSON and table (`<suite>_<N>rollouts`). The rollout throughput with 0, 1 and 2 worker
-processes comes from `benchmarks/rollout_speed.py`.
+and keeps its own runs, JSON and table (`<suite>_<N>rollouts`); `--label NAME` does the same for a replicate
+table (`..._<NAME>`), e.g. on a foundation pretrained again. A missing foundation policy is trained first,
+and each table names the fingerprint of the weights its runs started from. The rollout throughput with 0, 1
+and 2 worker processes comes from `benchmarks/rollout_speed.py`.
 """
 
 from __future__ import annotations
@@ -197,9 +199,18 @@ def positive_int(text: str) -> int:
     return value
 
 
-def tag(suite: str, rollouts: int | None) -> str:
-    """The name of a table's runs, JSON and markdown: the suite, and the rollouts when they are not the budget's."""
-    return suite if rollouts is None else f"{suite}_{rollouts}rollouts"
+def tag(suite: str, rollouts: int | None, label: str | None = None) -> str:
+    """The name of a table's runs, JSON, markdown and reading: the suite, the rollouts when they are not the
+    budget's, and the label of a replicate table."""
+    name = suite if rollouts is None else f"{suite}_{rollouts}rollouts"
+    return name if label is None else f"{name}_{label}"
+
+
+def label_name(text: str) -> str:
+    """An argparse type: a replicate table's label, lower-case letters, digits and underscores."""
+    if not text or not all(c.isascii() and (c.islower() or c.isdigit() or c == "_") for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r}: use lower-case letters, digits and underscores")
+    return text
 
 
 def overrides(suite: str, rollouts: int | None) -> list[str]:
@@ -233,9 +244,14 @@ def main() -> None:
     parser = table_parser(__doc__, METHODS, "", choices=list(NAMES))
     parser.add_argument("--suite", choices=list(BUDGET), default="cw3")
     parser.add_argument("--rollouts", type=positive_int, help="rollouts per evaluation instead of the budget's")
+    parser.add_argument(
+        "--label",
+        type=label_name,
+        help="a replicate table (e.g. on a foundation pretrained again): its own runs, JSON, markdown and reading",
+    )
     opts = parser.parse_args()
-    suite, rollouts = opts.suite, opts.rollouts
-    table_tag = tag(suite, rollouts)
+    suite, rollouts, label = opts.suite, opts.rollouts, opts.label
+    table_tag = tag(suite, rollouts, label)
     markdown = opts.markdown or str(ROOT / f"docs/results/metaworld_{table_tag}.md")
     if opts.one:
         run_one(opts.one[0], int(opts.one[1]), opts.one[2], suite, rollouts)
@@ -247,6 +263,7 @@ def main() -> None:
         ensure_foundation()
     folder = ROOT / f"benchmarks/out/robot_{table_tag}"
     extra = ["--suite", suite, *(["--rollouts", str(rollouts)] if rollouts is not None else [])]
+    extra += ["--label", label] if label is not None else []
     run_jobs(__file__, todo, folder, opts.jobs, extra=extra)
 
     # The table covers every method with results for all seeds (earlier runs included), in METHODS order.
@@ -288,12 +305,18 @@ def main() -> None:
     speed = json.loads(speed_path.read_text()) if speed_path.exists() else None
     command = f"python benchmarks/robot.py --suite {suite}"
     if rollouts is not None:
-        command += f" --rollouts {rollouts} --methods {' '.join(done)}"
+        command += f" --rollouts {rollouts}"
+    if label is not None:
+        command += f" --label {label}"
+    if rollouts is not None or label is not None:
+        command += f" --methods {' '.join(done)}"
     if opts.seeds != [0, 1]:
         command += f" --seeds {' '.join(map(str, opts.seeds))}"
     title = f"# Meta-World {suite.upper()} results"
     if rollouts is not None:
         title += f", {rollouts} rollouts per evaluation"
+    if label is not None:
+        title += f" ({label.replace('_', ' ')})"
     lines = [
         title,
         "",

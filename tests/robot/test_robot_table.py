@@ -3,11 +3,13 @@ loads, and the table names the weights its runs started from."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
+import pytest
 import yaml
 
-from benchmarks.robot import FOUNDATION, foundation_line
+from benchmarks.robot import FOUNDATION, foundation_line, label_name, tag
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "robot"
 
@@ -31,3 +33,12 @@ def test_the_table_names_one_foundation_several_or_none():
         foundation_line({"tail": [{}], "dmpel": [{"foundation": None}]})
         == "Foundation policy: not recorded for these runs."
     )
+
+
+def test_a_replicate_table_gets_its_own_name_and_labels_are_checked():
+    assert tag("cw3", None) == "cw3" and tag("cw10", None, "second_foundation") == "cw10_second_foundation"
+    assert tag("cw3", 20, "second_foundation") == "cw3_20rollouts_second_foundation"
+    assert label_name("run_2") == "run_2"
+    for bad in ["", "Second", "a b", "../x", "é"]:
+        with pytest.raises(argparse.ArgumentTypeError, match="lower-case letters"):
+            label_name(bad)

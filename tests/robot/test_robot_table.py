@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import benchmarks.robot as robot_table
 from benchmarks.robot import FOUNDATION, foundation_line, label_name, tag
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "robot"
@@ -42,3 +43,19 @@ def test_a_replicate_table_gets_its_own_name_and_labels_are_checked():
     for bad in ["", "Second", "a b", "../x", "é"]:
         with pytest.raises(argparse.ArgumentTypeError, match="lower-case letters"):
             label_name(bad)
+
+
+def test_a_missing_foundation_is_trained_once_before_the_runs(tmp_path, monkeypatch):
+    calls = []
+
+    def pretrain(cmd, cwd, check):
+        calls.append((cmd[1:], cwd))
+        (tmp_path / FOUNDATION).parent.mkdir(parents=True)
+        (tmp_path / FOUNDATION).write_bytes(b"weights")
+
+    monkeypatch.setattr(robot_table, "ROOT", tmp_path)
+    monkeypatch.setattr(robot_table.subprocess, "run", pretrain)
+    robot_table.ensure_foundation()
+    robot_table.ensure_foundation()  # present now: nothing to do
+    fit = ["fit", "-c", "configs/trainer/cpu.yaml", "-c", "configs/robot/pretrain_metaworld.yaml"]
+    assert calls == [(["-m", "cli.main", *fit], tmp_path)]

@@ -187,6 +187,24 @@ READING = {
         "and twenty rollouts, which these runs do not use. Each run took 669-1,556 s (5.3 h of runs, about",
         "2.7 h two at a time); several shared the cores with test runs, so wall times are inflated and spread.",
     ],
+    "cw10_second_foundation": [
+        "Reading the table: TAIL and the three DMPEL router starts of `metaworld_cw10.md` (same configs and",
+        "budget: six epochs per task, ten rollouts per evaluation, seeds 0 and 1) on the second foundation,",
+        "the one `metaworld_cw3_20rollouts_second_foundation.md` uses. As on the first foundation, three",
+        "tasks are learned (faucet-close, handle-press-side and window-close, 70-100% for TAIL and",
+        "favour_new); the other seven stay at 0-25%. TAIL ends at 0.29 (NBT 0.00). The released router start",
+        "ends at 0.28 on seed 0 and 0.14 on seed 1, where it learns neither window-close, the ninth task,",
+        "started with eight frozen experts near 1/k each (0% against TAIL's 100%), nor faucet-close (20%",
+        "against 70%): window-close is lost as on the first foundation's seed 1, faucet-close as on CW3.",
+        "`favour_new` learns both on both seeds and ends at 0.30 / 0.31 (0.30 on average, TAIL 0.29);",
+        "`inherit` ends at 0.30 / 0.27. NBT is 0.00-0.01 for every DMPEL start. So on CW10, on both",
+        "foundations, the released start loses whole tasks on one seed of two and favour_new does not;",
+        "favour_new is level with TAIL here, while on the first foundation it trailed TAIL by 15 points on",
+        "each of the three learned tasks (0.21 against 0.28). What the table cannot show: with two seeds and",
+        "ten rollouts per evaluation (a rate near 50% is +-31 points at 95%), a difference between",
+        "favour_new, inherit and TAIL; and the spec's ten epochs and twenty rollouts. Each run took 647-1,122",
+        "s (TAIL 647-710, DMPEL 990-1,122), two at a time on the two cores.",
+    ],
 }
 
 

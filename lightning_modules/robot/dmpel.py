@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 from callbacks.expert_freezing import ExpertFreezing
 from cli.errors import ConfigError
 from lightning_modules.nn.robot.experts import GROUPS, INIT_MODES, ExpertLibrary, check_groups
-from lightning_modules.nn.robot.router import INHERIT_NEW, CoefficientRouter, query_dim, routing_query
+from lightning_modules.nn.robot.router import FAVOUR_OLD, NEW_START, CoefficientRouter, query_dim, routing_query
 from lightning_modules.robot.base import RobotImitationModule, task_seed
 
 DEFAULT_RANKS = {"img": 8, "extra": 16, "fusion": 16, "tem": 16, "head": 16}
@@ -92,7 +92,9 @@ class DMPEL(RobotImitationModule):
         after its replay, the new expert near `router_new_start`: a task begins near the last task's policy).
         At each task's end the mean coefficient of every expert on the task's windows is logged
         (`task/coefficient/expert_j`) to show such interference.
-    router_new_start: with `inherit`, the new expert's initial coefficient (1.0, measured against 0.05).
+    router_new_start: with `favour_new` or `inherit`, the new expert's initial coefficient (1.0; for inherit
+        measured against 0.05). router_old_start: with `favour_new`, each old expert's initial coefficient
+        (0.05). Both in (0, 2), a coefficient's range.
     replay_epochs / replay_batch_size / replay_lr / replay_weight_decay / replay_grad_clip: the coefficient
         replay's fit of the router (10 / 32 / AdamW's defaults 1e-3, 0.01 / 100).
     replay_sample_ratio: share of a task's training windows stored for replay (1.0).
@@ -112,7 +114,8 @@ class DMPEL(RobotImitationModule):
         expert_init: Literal["ortho", "kaiming"] = "ortho",
         router_lr_scale: float = 1.0,
         router_init: Literal["released", "favour_new", "inherit"] = "released",
-        router_new_start: float = INHERIT_NEW,
+        router_new_start: float = NEW_START,
+        router_old_start: float = FAVOUR_OLD,
         replay_epochs: int = 10,
         replay_batch_size: int = 32,
         replay_lr: float = 1e-3,
@@ -129,8 +132,9 @@ class DMPEL(RobotImitationModule):
             raise ConfigError(f"model.expert_init: {expert_init!r} is not one of {', '.join(INIT_MODES)}")
         if not 0.0 < replay_sample_ratio <= 1.0:
             raise ConfigError(f"model.replay_sample_ratio must be in (0, 1], got {replay_sample_ratio}")
-        if router_init == "inherit" and not 0.0 < router_new_start < 2.0:
-            raise ConfigError(f"model.router_new_start must be in (0, 2), got {router_new_start}")
+        for option, value in (("router_new_start", router_new_start), ("router_old_start", router_old_start)):
+            if not 0.0 < value < 2.0:
+                raise ConfigError(f"model.{option} must be in (0, 2), got {value}")
         if replay_epochs < 0 or replay_batch_size < 1 or record_batch_size < 1:
             raise ConfigError("model.replay_epochs must be >= 0 and the replay/record batch sizes >= 1")
         self.policy.requires_grad_(False)
@@ -150,7 +154,9 @@ class DMPEL(RobotImitationModule):
         # Router t routes over experts 0..t; each starts from its own random initialisation.
         self.routers = nn.ModuleList(
             [
-                CoefficientRouter(self.query_dim, g, t + 1, top_k, router_hidden, router_init)
+                CoefficientRouter(
+                    self.query_dim, g, t + 1, top_k, router_hidden, router_init, (router_old_start, router_new_start)
+                )
                 for t in range(self.num_tasks)
             ]
         )

@@ -207,6 +207,18 @@ def test_favour_new_starts_the_new_expert_near_one_and_old_ones_near_zero():
         CoefficientRouter(10, 3, 5, init="uniform")
 
 
+def test_favour_new_starts_at_the_given_coefficients():
+    m = make_module(num_tasks=3, router_init="favour_new", router_old_start=0.01, router_new_start=1.5)
+    router = m.routers[2]
+    with torch.no_grad():
+        router.out.weight.zero_()
+    raw = router(torch.randn(8, m.query_dim))
+    torch.testing.assert_close(raw[..., -1], torch.full((8, router.groups), 1.5))
+    torch.testing.assert_close(raw[..., :-1], torch.full((8, router.groups, 2), 0.01))
+    with pytest.raises(ConfigError, match="model.router_old_start"):
+        make_module(num_tasks=2, router_init="favour_new", router_old_start=2.0)
+
+
 # k = 2 experts: 1/k each when released; inherit: router 0's start (k = 1: 1.0) and `router_new_start`
 STARTS = {"released": (0.5, 0.5), "favour_new": (0.05, 1.0), "inherit": (1.0, 1.0)}
 

@@ -4,8 +4,9 @@ query -> Linear(256) -> GELU(tanh) -> Linear(256) -> GELU(tanh) -> Linear(G*K) -
 (G groups, K experts), group-major. In each group only the top k = min(top_k, K) coefficients are kept
 (not renormalised); the others count as 0. Initial coefficients, set through the last layer's bias:
 `released` starts every expert near 1/k (bias logit(0.5 / k)), so the k kept ones sum to about 1;
-`favour_new` starts the new (last) expert near 1.0 and the old ones near 0.05, so a new task's router does
-not begin by mixing in experts of other tasks (which, frozen and never turned off, can dominate it);
+`favour_new` starts the new (last) expert near 1.0 and the old ones near 0.05 (or the given values), so a
+new task's router does not begin by mixing in experts of other tasks (which, frozen and never turned off,
+can dominate it);
 `inherit` starts router t as router t-1 after its replay (`inherit_from`), the new expert near
 `new_start`, so a new task begins near the policy that ended the last one and keeps what transfers (its B
 starts at 0; with `merge: weight` the cross term of its A with the old B moves the start by a share that
@@ -23,12 +24,14 @@ from torch import Tensor, nn
 from cli.errors import ConfigError
 from lightning_modules.nn.robot.experts import ExpertLibrary
 
-#: how a router's initial coefficients are set; `favour_new`: (each old expert, the new one)
+#: how a router's initial coefficients are set
 ROUTER_INITS = ("released", "favour_new", "inherit")
-FAVOUR_NEW = (0.05, 1.0)
-#: `inherit`: the new expert's initial coefficient when none is given (measured on CW3 seeds 10 and 11, kept
-#: apart from the results tables' seeds: 1.0 ended at 0.90 / 0.92 final success, 0.05 at 0.77 / 0.80)
-INHERIT_NEW = 1.0
+#: `favour_new`: each old expert's initial coefficient when none is given
+FAVOUR_OLD = 0.05
+#: `favour_new` and `inherit`: the new expert's initial coefficient when none is given (for `inherit` measured
+#: on CW3 seeds 10 and 11, kept apart from the results tables' seeds: 1.0 ended at 0.90 / 0.92 final
+#: success, 0.05 at 0.77 / 0.80)
+NEW_START = 1.0
 
 
 def _logit(p: float) -> float:
@@ -38,10 +41,18 @@ def _logit(p: float) -> float:
 class CoefficientRouter(nn.Module):
     """Args: query_dim; groups G; experts K (the pool size it routes over; the last is the new task's);
     top_k; hidden width; init: the initial coefficients, `released`, `favour_new` or `inherit` (module
-    docstring; `inherit` starts as `released` until `inherit_from` is called)."""
+    docstring; `inherit` starts as `released` until `inherit_from` is called); favour: with `favour_new`, the
+    initial coefficient of each old expert and of the new one, each in (0, 2)."""
 
     def __init__(
-        self, query_dim: int, groups: int, experts: int, top_k: int = 3, hidden: int = 256, init: str = "released"
+        self,
+        query_dim: int,
+        groups: int,
+        experts: int,
+        top_k: int = 3,
+        hidden: int = 256,
+        init: str = "released",
+        favour: tuple[float, float] = (FAVOUR_OLD, NEW_START),
     ):
         super().__init__()
         if top_k < 1:
@@ -56,7 +67,7 @@ class CoefficientRouter(nn.Module):
             if init in ("released", "inherit"):
                 self.out.bias.fill_(_logit(0.5 / self.k))
             else:
-                old, new = FAVOUR_NEW
+                old, new = favour
                 bias = self.out.bias.view(groups, experts)
                 bias[:, :-1] = _logit(old / 2)
                 bias[:, -1] = _logit(new / 2)
